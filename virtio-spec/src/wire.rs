@@ -97,8 +97,14 @@ pub mod op {
 /// may answer before the work completes; its errors surface at the next
 /// synchronizing request, as with native CUDA.
 pub const FLAG_ASYNC: u32 = 1 << 0;
+/// Request flag, on `MEMCPY_HTOD`: the source ranges are a driver bounce
+/// buffer that the driver reuses as soon as the device answers, so the device
+/// must consume (snapshot) them before it answers, even when `FLAG_ASYNC` is
+/// set. Without it, an async copy may read the source until the stream
+/// reaches it, as with native pinned memory.
+pub const FLAG_TRANSIENT_SOURCE: u32 = 1 << 1;
 /// All request flags this version defines.
-pub const KNOWN_FLAGS: u32 = FLAG_ASYNC;
+pub const KNOWN_FLAGS: u32 = FLAG_ASYNC | FLAG_TRANSIENT_SOURCE;
 
 /// Module image kinds (informational; the device detects the format).
 pub mod image {

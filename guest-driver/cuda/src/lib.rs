@@ -1,0 +1,1 @@
+//! Placeholder until the driver API lands.
