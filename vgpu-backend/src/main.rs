@@ -1,1 +1,56 @@
-fn main() {}
+//! `vgpu-backend`: serves one GPU slice on a vhost-user socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use vgpu_backend::config::parse_size;
+use vgpu_backend::{Backend, BackendConfig, DeviceSpec, SliceUuid};
+
+/// Serves one GPU slice to guests over a vhost-user socket.
+#[derive(Debug, Parser)]
+#[command(name = "vgpu-backend", version)]
+struct Cli {
+    /// The vhost-user socket to listen on (a stale file is replaced).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The device: "emulated" or "cuda:N".
+    #[arg(long, value_name = "cuda:N|emulated")]
+    device: DeviceSpec,
+    /// The slice name shown to guests.
+    #[arg(long, value_name = "NAME", default_value = vgpu_backend::config::DEFAULT_SLICE_NAME)]
+    slice: String,
+    /// The slice's memory limit in bytes (K, M, G, T suffixes accepted);
+    /// defaults to the device's memory.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// The slice UUID; random by default.
+    #[arg(long, value_name = "UUID")]
+    uuid: Option<SliceUuid>,
+    /// The largest virtqueue size accepted.
+    #[arg(long, value_name = "N", default_value_t = vgpu_spec::MAX_QUEUE_SIZE)]
+    max_queue_size: u16,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = BackendConfig::new(cli.socket, cli.device).slice_name(cli.slice);
+    config.memory_limit = cli.memory_limit;
+    config.uuid = cli.uuid;
+    config.max_queue_size = cli.max_queue_size;
+    let result = Backend::new(config).and_then(Backend::serve);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vgpu-backend: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

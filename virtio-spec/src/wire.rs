@@ -125,7 +125,8 @@ wire! {
         opcode: U32,
         /// `FLAG_*` bits.
         flags: U32,
-        /// The session, from `SESSION_OPEN`; zero on control requests.
+        /// The session, from `SESSION_OPEN`; zero on `GET_DEVICE_INFO` and
+        /// `SESSION_OPEN`, the session to close on `SESSION_CLOSE`.
         session: U64,
         /// Chosen by the driver, echoed in the response.
         request_id: U64,

@@ -1,1 +1,36 @@
-//! Placeholder until the driver API lands.
+//! The guest `libcuda.so.1`: the CUDA driver API, forwarded to a vGPU slice.
+//!
+//! Each exported function checks its arguments, answers locally what it
+//! can (device attributes, the current context, error strings), and sends
+//! the rest to the backend as virtio-vgpu requests through
+//! [`vgpu_transport`]. Work that native CUDA queues (launches, async copies
+//! and memsets, event records, stream waits) is submitted without waiting;
+//! its errors surface at the next synchronizing call.
+//!
+//! Every export is an `unsafe extern "C"` function whose safety contract is
+//! the one the CUDA driver API documents for it: pointer arguments are NULL
+//! or valid for the reads and writes that function performs, strings are
+//! NUL-terminated. NULL out-pointers are rejected with
+//! `CUDA_ERROR_INVALID_VALUE`; handles are looked up in this library's
+//! tables before use, never dereferenced.
+
+// The exports' safety contracts are the CUDA API's (see above); repeating a
+// `# Safety` section on each of them would add nothing.
+#![allow(clippy::missing_safety_doc)]
+
+mod copy;
+mod ctx;
+mod device;
+mod errors;
+mod event;
+mod handles;
+mod image;
+mod launch;
+mod logging;
+mod memory;
+mod module;
+mod procaddr;
+mod state;
+mod stream;
+mod types;
+mod unsupported;

@@ -1,0 +1,322 @@
+//! Kernel launches. Parameters are packed locally into the block layout the
+//! backend reported at `cuModuleGetFunction`, from either `kernelParams`
+//! (one pointer per parameter) or `extra` (one caller-packed buffer), and
+//! the launch is queued without waiting: its errors surface at the next
+//! synchronizing call.
+
+use std::ffi::{c_int, c_uint, c_void};
+
+use vgpu_spec::wire::LaunchReq;
+use vgpu_spec::{Request, Status};
+
+use crate::ctx::session_ctx;
+use crate::errors::{guard, non_null, write_out, CuResult};
+use crate::module::FunctionInfo;
+use crate::state::{driver, lock};
+use crate::stream::backend_stream;
+use crate::types::{
+    CUfunction, CUresult, CUstream, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+    CU_LAUNCH_PARAM_BUFFER_POINTER, CU_LAUNCH_PARAM_BUFFER_SIZE, CU_LAUNCH_PARAM_END,
+};
+
+/// The most option keys an `extra` array may hold before its end marker.
+const MAX_EXTRA_KEYS: usize = 16;
+
+/// Packs `kernelParams`: parameter *i* is copied from `params[i]` to its
+/// offset. (A wrong number of pointers cannot be detected.)
+///
+/// # Safety
+/// `params` must hold one pointer per parameter of `info`, each readable for
+/// that parameter's size.
+pub(crate) unsafe fn pack_kernel_params(
+    info: &FunctionInfo,
+    params: *const *const c_void,
+) -> CuResult<Vec<u8>> {
+    let mut block = vec![0u8; info.param_bytes];
+    for (i, param) in info.layout.iter().enumerate() {
+        // SAFETY: the caller's contract: `params` has an entry per parameter.
+        let src = unsafe { params.add(i).read_unaligned() };
+        non_null(src)?;
+        let dst = &mut block[param.offset..param.offset + param.size];
+        // SAFETY: `src` is readable for `param.size` bytes (the caller's
+        // contract) and `dst` is exactly that long, in a distinct buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.cast::<u8>(), dst.as_mut_ptr(), param.size);
+        }
+    }
+    Ok(block)
+}
+
+/// Reads the buffer named by an `extra` array; its size must equal the
+/// function's parameter block.
+///
+/// # Safety
+/// `extra` must be a `CU_LAUNCH_PARAM_END`-terminated array of key/value
+/// pairs as the CUDA API defines it.
+pub(crate) unsafe fn pack_extra(
+    info: &FunctionInfo,
+    extra: *const *const c_void,
+) -> CuResult<Vec<u8>> {
+    let mut buffer: Option<*const c_void> = None;
+    let mut size: Option<usize> = None;
+    let mut i = 0;
+    loop {
+        if i > 2 * MAX_EXTRA_KEYS {
+            return Err(Status::INVALID_VALUE);
+        }
+        // SAFETY: the array runs to its end marker (caller's contract), and
+        // each key before it is followed by its value.
+        let key = unsafe { extra.add(i).read_unaligned() }.addr();
+        if key == CU_LAUNCH_PARAM_END {
+            break;
+        }
+        // SAFETY: as above; a key other than the end marker has a value.
+        let value = unsafe { extra.add(i + 1).read_unaligned() };
+        match key {
+            CU_LAUNCH_PARAM_BUFFER_POINTER => buffer = Some(value),
+            CU_LAUNCH_PARAM_BUFFER_SIZE => {
+                non_null(value)?;
+                // SAFETY: the value of BUFFER_SIZE points at a `size_t`.
+                size = Some(unsafe { value.cast::<usize>().read_unaligned() });
+            }
+            _ => return Err(Status::INVALID_VALUE),
+        }
+        i += 2;
+    }
+    let (buffer, size) = match (buffer, size) {
+        (Some(buffer), Some(size)) => (buffer, size),
+        _ => return Err(Status::INVALID_VALUE),
+    };
+    if size != info.param_bytes {
+        return Err(Status::INVALID_VALUE);
+    }
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    non_null(buffer)?;
+    // SAFETY: the BUFFER_POINTER value is readable for the BUFFER_SIZE bytes.
+    Ok(unsafe { std::slice::from_raw_parts(buffer.cast::<u8>(), size) }.to_vec())
+}
+
+/// The packed parameter block from whichever of the two forms was given.
+///
+/// # Safety
+/// As [`pack_kernel_params`] and [`pack_extra`] for the non-null one.
+pub(crate) unsafe fn param_block(
+    info: &FunctionInfo,
+    kernel_params: *const *const c_void,
+    extra: *const *const c_void,
+) -> CuResult<Vec<u8>> {
+    match (kernel_params.is_null(), extra.is_null()) {
+        // SAFETY: the caller's contract for `kernel_params`.
+        (false, true) => unsafe { pack_kernel_params(info, kernel_params) },
+        // SAFETY: the caller's contract for `extra`.
+        (true, false) => unsafe { pack_extra(info, extra) },
+        (true, true) if info.layout.is_empty() => Ok(vec![0u8; info.param_bytes]),
+        _ => Err(Status::INVALID_VALUE),
+    }
+}
+
+fn dims(x: c_uint, y: c_uint, z: c_uint) -> CuResult<[u32; 3]> {
+    if x == 0 || y == 0 || z == 0 {
+        return Err(Status::INVALID_VALUE);
+    }
+    Ok([x, y, z])
+}
+
+/// `cuLaunchKernel`.
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernel(
+    f: CUfunction,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    shared_mem_bytes: c_uint,
+    h_stream: CUstream,
+    kernel_params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CUresult {
+    guard(|| {
+        let (drv, ctx) = session_ctx()?;
+        let grid = dims(grid_x, grid_y, grid_z)?;
+        let block = dims(block_x, block_y, block_z)?;
+        let stream = backend_stream(drv, h_stream)?;
+        let (function, params) = {
+            let table = lock(&drv.modules);
+            let info = table.function(f).ok_or(Status::INVALID_HANDLE)?;
+            // SAFETY: per the API, `kernel_params` / `extra` describe the
+            // function's parameters.
+            let params = unsafe {
+                param_block(
+                    info,
+                    kernel_params.cast_const().cast(),
+                    extra.cast_const().cast(),
+                )
+            }?;
+            (info.handle, params)
+        };
+        let req = LaunchReq {
+            function: function.into(),
+            stream: stream.into(),
+            grid: grid.map(Into::into),
+            block: block.map(Into::into),
+            shared_mem: shared_mem_bytes.into(),
+            param_bytes: (params.len() as u32).into(),
+        };
+        drv.submit(ctx, 0, &Request::Launch(req, &params), None)
+    })
+}
+
+/// `cuFuncGetAttribute`: only `MAX_THREADS_PER_BLOCK` (1024) for now.
+#[no_mangle]
+pub unsafe extern "C" fn cuFuncGetAttribute(
+    pi: *mut c_int,
+    attrib: c_int,
+    hfunc: CUfunction,
+) -> CUresult {
+    guard(|| {
+        let drv = driver()?;
+        non_null(pi)?;
+        if lock(&drv.modules).function(hfunc).is_none() {
+            return Err(Status::INVALID_HANDLE);
+        }
+        if attrib != CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK {
+            crate::logging::warn_once(&format!("cuFuncGetAttribute({attrib}) is not supported"));
+            return Err(Status::NOT_SUPPORTED);
+        }
+        // SAFETY: non-null, and per the API a writable `int`.
+        unsafe { write_out(pi, 1024) }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::module::Param;
+
+    fn info(layout: &[(usize, usize)], param_bytes: usize) -> FunctionInfo {
+        FunctionInfo {
+            handle: 1,
+            layout: layout
+                .iter()
+                .map(|(offset, size)| Param {
+                    offset: *offset,
+                    size: *size,
+                })
+                .collect(),
+            param_bytes,
+        }
+    }
+
+    fn ptr<T>(value: &T) -> *const c_void {
+        std::ptr::from_ref(value).cast()
+    }
+
+    #[test]
+    fn kernel_params_are_packed_at_layout_offsets() {
+        let f = info(&[(0, 8), (8, 4), (16, 8)], 24);
+        let a: u64 = 0x1111_2222_3333_4444;
+        let n: u32 = 7;
+        let b: u64 = 0xdead_beef;
+        let params = [ptr(&a), ptr(&n), ptr(&b)];
+        // SAFETY: one readable pointer per parameter, each of its size.
+        let block = unsafe { pack_kernel_params(&f, params.as_ptr()) }.unwrap();
+        assert_eq!(block.len(), 24);
+        assert_eq!(&block[0..8], &a.to_le_bytes());
+        assert_eq!(&block[8..12], &n.to_le_bytes());
+        assert_eq!(&block[12..16], &[0; 4]);
+        assert_eq!(&block[16..24], &b.to_le_bytes());
+    }
+
+    #[test]
+    fn null_kernel_param_pointer_is_invalid_value() {
+        let f = info(&[(0, 4)], 4);
+        let params = [std::ptr::null::<c_void>()];
+        // SAFETY: one entry for the one parameter (null is rejected).
+        let rc = unsafe { pack_kernel_params(&f, params.as_ptr()) };
+        assert_eq!(rc, Err(Status::INVALID_VALUE));
+    }
+
+    fn extra_array(buffer: &[u8], size: &usize) -> [*const c_void; 5] {
+        [
+            std::ptr::without_provenance(CU_LAUNCH_PARAM_BUFFER_POINTER),
+            buffer.as_ptr().cast(),
+            std::ptr::without_provenance(CU_LAUNCH_PARAM_BUFFER_SIZE),
+            ptr(size),
+            std::ptr::without_provenance(CU_LAUNCH_PARAM_END),
+        ]
+    }
+
+    #[test]
+    fn extra_buffer_of_the_right_size_is_used_as_is() {
+        let f = info(&[(0, 8), (8, 4)], 12);
+        let buffer: Vec<u8> = (0..12).collect();
+        let size = 12usize;
+        let extra = extra_array(&buffer, &size);
+        // SAFETY: a well-formed, END-terminated extra array.
+        let block = unsafe { param_block(&f, std::ptr::null(), extra.as_ptr()) }.unwrap();
+        assert_eq!(block, buffer);
+    }
+
+    #[test]
+    fn launch_with_wrong_extra_buffer_size_returns_invalid_value() {
+        let f = info(&[(0, 8), (8, 4)], 12);
+        let buffer = [0u8; 16];
+        let size = 16usize;
+        let extra = extra_array(&buffer, &size);
+        // SAFETY: a well-formed, END-terminated extra array.
+        let rc = unsafe { param_block(&f, std::ptr::null(), extra.as_ptr()) };
+        assert_eq!(rc, Err(Status::INVALID_VALUE));
+    }
+
+    #[test]
+    fn extra_without_size_or_with_unknown_key_is_invalid_value() {
+        let f = info(&[(0, 4)], 4);
+        let buffer = [0u8; 4];
+        let no_size = [
+            std::ptr::without_provenance(CU_LAUNCH_PARAM_BUFFER_POINTER),
+            buffer.as_ptr().cast(),
+            std::ptr::without_provenance::<c_void>(CU_LAUNCH_PARAM_END),
+        ];
+        // SAFETY: a well-formed, END-terminated extra array.
+        let rc = unsafe { pack_extra(&f, no_size.as_ptr()) };
+        assert_eq!(rc, Err(Status::INVALID_VALUE));
+        let unknown = [
+            std::ptr::without_provenance(0x77),
+            buffer.as_ptr().cast(),
+            std::ptr::without_provenance::<c_void>(CU_LAUNCH_PARAM_END),
+        ];
+        // SAFETY: as above.
+        let rc = unsafe { pack_extra(&f, unknown.as_ptr()) };
+        assert_eq!(rc, Err(Status::INVALID_VALUE));
+    }
+
+    #[test]
+    fn both_or_neither_parameter_forms_are_checked() {
+        let f = info(&[(0, 4)], 4);
+        let x = 1u32;
+        let params = [ptr(&x)];
+        let buffer = [0u8; 4];
+        let size = 4usize;
+        let extra = extra_array(&buffer, &size);
+        // SAFETY: both arrays are well-formed.
+        let both = unsafe { param_block(&f, params.as_ptr(), extra.as_ptr()) };
+        assert_eq!(both, Err(Status::INVALID_VALUE));
+        // SAFETY: null arrays are not read.
+        let neither = unsafe { param_block(&f, std::ptr::null(), std::ptr::null()) };
+        assert_eq!(neither, Err(Status::INVALID_VALUE));
+        let empty = info(&[], 0);
+        // SAFETY: as above.
+        let none_needed = unsafe { param_block(&empty, std::ptr::null(), std::ptr::null()) };
+        assert_eq!(none_needed, Ok(Vec::new()));
+    }
+
+    #[test]
+    fn zero_dimensions_are_invalid_value() {
+        assert_eq!(dims(1, 0, 1), Err(Status::INVALID_VALUE));
+        assert_eq!(dims(2, 3, 4), Ok([2, 3, 4]));
+    }
+}

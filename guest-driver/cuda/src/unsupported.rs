@@ -1,0 +1,85 @@
+//! Entry points that real programs look up but this version does not
+//! implement. They are exported (a missing symbol would make loaders such
+//! as cudarc's fail outright) and return `CUDA_ERROR_NOT_SUPPORTED`, logging
+//! their name once. They ignore their arguments, which the C calling
+//! convention allows whatever the caller passes.
+
+use std::ffi::c_void;
+
+use vgpu_spec::Status;
+
+use crate::logging;
+use crate::types::CUresult;
+
+/// The shared body: logs the name once and refuses.
+fn not_supported(name: &str) -> CUresult {
+    logging::warn_once(&format!("unsupported entry point {name}"));
+    Status::NOT_SUPPORTED.0
+}
+
+macro_rules! unsupported {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[doc = concat!("`", stringify!($name), "`: not supported; returns `CUDA_ERROR_NOT_SUPPORTED`.")]
+            #[no_mangle]
+            pub extern "C" fn $name() -> CUresult {
+                not_supported(stringify!($name))
+            }
+        )*
+
+        /// The unsupported entry points' names.
+        #[cfg(test)]
+        pub(crate) const NAMES: &[&str] = &[$(stringify!($name)),*];
+
+        /// The address of an unsupported entry point, by name.
+        pub(crate) fn lookup(name: &str) -> Option<*mut c_void> {
+            match name {
+                $(stringify!($name) => Some($name as *mut c_void),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+unsupported!(
+    cuCtxGetLimit,
+    cuCtxSetLimit,
+    cuCtxGetStreamPriorityRange,
+    cuCtxGetCacheConfig,
+    cuCtxSetCacheConfig,
+    cuCtxSetFlags,
+    cuFuncSetAttribute,
+    cuFuncSetCacheConfig,
+    cuFuncGetName,
+    cuPointerGetAttribute,
+    cuPointerGetAttributes,
+    cuStreamGetCtx,
+    cuStreamGetFlags,
+    cuStreamGetPriority,
+    cuStreamIsCapturing,
+    cuOccupancyMaxActiveBlocksPerMultiprocessor,
+    cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags,
+    cuOccupancyMaxPotentialBlockSize,
+    cuModuleGetLoadingMode,
+    cuDeviceCanAccessPeer,
+    cuDeviceGetP2PAttribute,
+    cuMemHostRegister_v2,
+    cuMemHostUnregister,
+    cuMemHostGetDevicePointer_v2,
+    cuLaunchHostFunc,
+    cuLaunchKernelEx,
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_entry_points_return_not_supported() {
+        assert_eq!(cuCtxGetLimit(), Status::NOT_SUPPORTED.0);
+        assert_eq!(cuPointerGetAttribute(), Status::NOT_SUPPORTED.0);
+        assert!(lookup("cuFuncSetAttribute").is_some());
+        assert!(lookup("cuMemAlloc_v2").is_none());
+        assert!(NAMES.contains(&"cuCtxGetStreamPriorityRange"));
+    }
+}

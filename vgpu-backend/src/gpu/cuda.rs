@@ -1,0 +1,799 @@
+//! The executor for a real NVIDIA GPU, on cudarc's raw driver bindings
+//! (`cudarc::driver::sys`, loaded at run time).
+//!
+//! One [`CudaGpu`] per device. It keeps the device's primary context
+//! retained, only to register guest RAM with `cuMemHostRegister` (portable
+//! registrations are pinned for every context). Every [`GpuContext`] is a
+//! real, separate CUDA context created with `cuCtxCreate`, so one guest
+//! process's fault cannot poison another's; dropping it destroys the context
+//! and everything in it.
+//!
+//! Contexts are not left current: each method makes its context current on
+//! the calling thread first. Which context is current is cached per thread
+//! by a process-unique context id (never by pointer, which the driver may
+//! reuse), so repeated calls from one thread cost no driver call. This cache
+//! assumes nothing else in the process changes the current context.
+//!
+//! Handles given out (modules, functions, streams, events) are the driver's
+//! pointers as integers; the session layer above validates every handle
+//! before passing it back, since the driver trusts them.
+//!
+//! cudarc panics when the library or a symbol is missing, so
+//! [`CudaGpu::open`] checks for the library and for every symbol used here
+//! before the first driver call.
+
+use std::cell::Cell;
+use std::ffi::{c_int, c_void, CStr, CString};
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cudarc::driver::sys::{self as cu, CUcontext, CUdevice, CUresult};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+use vgpu_spec::{Status, DEVICE_ATTRIBUTE_SLOTS, MAX_PARAMS};
+use zerocopy::IntoBytes;
+
+use super::ptx;
+use super::{
+    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, ParamLayout, RawHandle,
+    StreamRef,
+};
+
+/// Why a CUDA device could not be opened.
+#[derive(Debug, Error)]
+pub enum CudaError {
+    /// No `libcuda.so` could be loaded.
+    #[error("No CUDA driver library (libcuda.so) could be loaded")]
+    LibraryNotFound,
+    /// The loaded library lacks a function this executor needs.
+    #[error("The CUDA driver library has no {name}: it is not an NVIDIA CUDA 13 driver")]
+    MissingSymbol { name: &'static str },
+    /// The library found is vgpu's own guest `libcuda.so` (a library path
+    /// that includes the guest driver's build directory).
+    #[error("The libcuda.so found is vgpu's guest library, not NVIDIA's driver")]
+    GuestLibrary,
+    /// The ordinal does not fit the driver's `int`.
+    #[error("Device ordinal {ordinal} is out of range")]
+    InvalidOrdinal { ordinal: usize },
+    /// A driver call failed.
+    #[error("{call} failed: {status}")]
+    Driver { call: &'static str, status: Status },
+}
+
+/// Every driver function this module calls.
+const REQUIRED_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDeviceGet",
+    "cuDeviceGetName",
+    "cuDeviceGetUuid_v2",
+    "cuDeviceTotalMem_v2",
+    "cuDeviceGetAttribute",
+    "cuDriverGetVersion",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuMemHostRegister_v2",
+    "cuMemHostUnregister",
+    "cuCtxCreate_v4",
+    "cuCtxDestroy_v2",
+    "cuCtxPopCurrent_v2",
+    "cuCtxSetCurrent",
+    "cuCtxSynchronize",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemcpyHtoD_v2",
+    "cuMemcpyDtoH_v2",
+    "cuMemcpyDtoD_v2",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemcpyDtoDAsync_v2",
+    "cuMemsetD8_v2",
+    "cuMemsetD16_v2",
+    "cuMemsetD32_v2",
+    "cuMemsetD8Async",
+    "cuMemsetD16Async",
+    "cuMemsetD32Async",
+    "cuModuleLoadData",
+    "cuModuleUnload",
+    "cuModuleGetFunction",
+    "cuModuleGetGlobal_v2",
+    "cuFuncGetParamInfo",
+    "cuLaunchKernel",
+    "cuStreamCreateWithPriority",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuStreamQuery",
+    "cuStreamWaitEvent",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventQuery",
+    "cuEventElapsedTime_v2",
+    "cuEventDestroy_v2",
+];
+
+/// A symbol only vgpu's guest `libcuda.so` exports: finding it means the
+/// library path leads to the guest library instead of NVIDIA's driver.
+pub const GUEST_LIBRARY_MARKER: &[u8] = b"vgpu_guest_library";
+
+/// Context flags a guest may ask for: scheduling (0x7), MAP_HOST (0x8),
+/// LMEM_RESIZE_TO_MAX (0x10) and SYNC_MEMOPS (0x80). Others (core dumps,
+/// green contexts) are not for guests to choose.
+const ALLOWED_CTX_FLAGS: u32 = 0x1f | 0x80;
+const HOST_MEMORY_ALREADY_REGISTERED: Status = Status(712);
+const HOST_MEMORY_NOT_REGISTERED: Status = Status(713);
+
+/// The status a driver call returned, as a `Result`.
+fn check(result: CUresult) -> GpuResult<()> {
+    Status(result as u32).into_result()
+}
+
+fn driver(call: &'static str, result: CUresult) -> Result<(), CudaError> {
+    check(result).map_err(|status| CudaError::Driver { call, status })
+}
+
+static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// Id of the context last made current on this thread (0: unknown).
+    static CURRENT: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Makes `ctx` (whose process-unique id is `id`) current on this thread.
+fn make_current(id: u64, ctx: CUcontext) -> GpuResult<()> {
+    if CURRENT.with(Cell::get) == id {
+        return Ok(());
+    }
+    // SAFETY: ctx is a live context; its owner calls this only while it
+    // holds the context (before destroying or releasing it).
+    check(unsafe { cu::cuCtxSetCurrent(ctx) })?;
+    CURRENT.with(|c| c.set(id));
+    Ok(())
+}
+
+/// Forgets the cached current context of this thread if it is `id`.
+fn forget_current(id: u64) {
+    CURRENT.with(|c| {
+        if c.get() == id {
+            c.set(0);
+        }
+    });
+}
+
+fn stream_ptr(stream: StreamRef) -> cu::CUstream {
+    // None is the legacy NULL stream.
+    stream.map_or(ptr::null_mut(), |h| h as usize as cu::CUstream)
+}
+
+fn to_handle<T>(p: *mut T) -> RawHandle {
+    p as usize as RawHandle
+}
+
+fn from_handle<T>(h: RawHandle) -> *mut T {
+    h as usize as *mut T
+}
+
+fn to_usize(n: u64) -> GpuResult<usize> {
+    usize::try_from(n).map_err(|_| Status::INVALID_VALUE)
+}
+
+/// A real GPU.
+pub struct CudaGpu {
+    identity: DeviceIdentity,
+    device: CUdevice,
+    primary: CUcontext,
+    primary_id: u64,
+}
+
+// SAFETY: CUDA contexts and devices may be used from any thread; the
+// primary context pointer is only passed to the driver.
+unsafe impl Send for CudaGpu {}
+// SAFETY: as above; every method takes &self and the driver is thread-safe.
+unsafe impl Sync for CudaGpu {}
+
+impl CudaGpu {
+    /// Opens device `ordinal`: loads the driver, reads the device's identity
+    /// and retains its primary context. Fails cleanly, never panics, on a
+    /// machine without a usable driver.
+    pub fn open(ordinal: usize) -> Result<CudaGpu, CudaError> {
+        let ordinal_int =
+            c_int::try_from(ordinal).map_err(|_| CudaError::InvalidOrdinal { ordinal })?;
+        // SAFETY: only tries to dlopen the candidate library names.
+        if !unsafe { cu::is_culib_present() } {
+            return Err(CudaError::LibraryNotFound);
+        }
+        // SAFETY: the library is present, so culib() loads it rather than
+        // panicking; the 'static library is never unloaded.
+        let lib = unsafe { cu::culib() };
+        log_library_path();
+        // SAFETY: looks a symbol up without calling or typing it.
+        if unsafe { lib.get::<unsafe extern "C" fn()>(GUEST_LIBRARY_MARKER) }.is_ok() {
+            return Err(CudaError::GuestLibrary);
+        }
+        for &name in REQUIRED_SYMBOLS {
+            // SAFETY: looks a symbol up without calling or typing it.
+            if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
+                return Err(CudaError::MissingSymbol { name });
+            }
+        }
+        // SAFETY: plain driver initialization.
+        driver("cuInit", unsafe { cu::cuInit(0) })?;
+        let mut device: CUdevice = 0;
+        // SAFETY: device is a valid out-pointer.
+        driver("cuDeviceGet", unsafe {
+            cu::cuDeviceGet(&mut device, ordinal_int)
+        })?;
+        let identity = read_identity(device)?;
+        let mut primary: CUcontext = ptr::null_mut();
+        // SAFETY: primary is a valid out-pointer; released in Drop.
+        driver("cuDevicePrimaryCtxRetain", unsafe {
+            cu::cuDevicePrimaryCtxRetain(&mut primary, device)
+        })?;
+        info!(
+            ordinal,
+            name = %identity.name,
+            total_mem = identity.total_mem,
+            driver = identity.driver_version,
+            "Opened CUDA device"
+        );
+        Ok(CudaGpu {
+            identity,
+            device,
+            primary,
+            primary_id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+}
+
+impl Drop for CudaGpu {
+    fn drop(&mut self) {
+        forget_current(self.primary_id);
+        // SAFETY: balances the retain in open().
+        if let Err(status) = check(unsafe { cu::cuDevicePrimaryCtxRelease_v2(self.device) }) {
+            warn!(%status, "Releasing the primary context failed");
+        }
+    }
+}
+
+/// Logs which file the driver library was loaded from (our own guest
+/// `libcuda.so` on the library path would be a misconfiguration).
+fn log_library_path() {
+    // SAFETY: culib() was loaded by the caller; the symbol is only used as
+    // an address for dladdr, which fills info on success.
+    unsafe {
+        let Ok(symbol) = cu::culib().get::<unsafe extern "C" fn()>(b"cuInit") else {
+            return;
+        };
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(*symbol as *const c_void, &mut info) != 0 && !info.dli_fname.is_null() {
+            let path = CStr::from_ptr(info.dli_fname).to_string_lossy();
+            info!(%path, "Loaded the CUDA driver library");
+        }
+    }
+}
+
+type GetAttributeFn = unsafe extern "C" fn(*mut c_int, c_int, CUdevice) -> c_int;
+
+fn read_identity(device: CUdevice) -> Result<DeviceIdentity, CudaError> {
+    let mut name = [0 as std::ffi::c_char; 256];
+    // SAFETY: the buffer holds 256 bytes, as the length says.
+    driver("cuDeviceGetName", unsafe {
+        cu::cuDeviceGetName(name.as_mut_ptr(), 256, device)
+    })?;
+    let name_bytes: Vec<u8> = name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    let mut uuid = cu::CUuuid { bytes: [0; 16] };
+    // SAFETY: uuid is a valid out-pointer.
+    driver("cuDeviceGetUuid_v2", unsafe {
+        cu::cuDeviceGetUuid_v2(&mut uuid, device)
+    })?;
+    let mut total_mem = 0usize;
+    // SAFETY: total_mem is a valid out-pointer.
+    driver("cuDeviceTotalMem_v2", unsafe {
+        cu::cuDeviceTotalMem_v2(&mut total_mem, device)
+    })?;
+    let mut version: c_int = 0;
+    // SAFETY: version is a valid out-pointer.
+    driver("cuDriverGetVersion", unsafe {
+        cu::cuDriverGetVersion(&mut version)
+    })?;
+
+    // cudarc types the attribute as a Rust enum, which cannot hold ids the
+    // bindings do not name; call the driver's symbol with a plain int.
+    // SAFETY: the symbol exists (checked in open) and has this C signature.
+    let get_attribute: GetAttributeFn = unsafe {
+        *cu::culib()
+            .get::<GetAttributeFn>(b"cuDeviceGetAttribute")
+            .map_err(|_| CudaError::MissingSymbol {
+                name: "cuDeviceGetAttribute",
+            })?
+    };
+    let attributes: Vec<i32> = (0..DEVICE_ATTRIBUTE_SLOTS as c_int)
+        .map(|id| {
+            let mut value: c_int = 0;
+            // SAFETY: value is a valid out-pointer; unknown ids just fail.
+            let result = unsafe { get_attribute(&mut value, id, device) };
+            if id > 0 && result == 0 {
+                value
+            } else {
+                0
+            }
+        })
+        .collect();
+    let attr = |id: usize| attributes.get(id).copied().unwrap_or(0);
+    Ok(DeviceIdentity {
+        name: String::from_utf8_lossy(&name_bytes).into_owned(),
+        uuid: uuid.bytes.map(|b| b as u8),
+        total_mem: total_mem as u64,
+        pci: (
+            u32::try_from(attr(50)).unwrap_or(0),
+            u8::try_from(attr(33)).unwrap_or(0),
+            u8::try_from(attr(34)).unwrap_or(0),
+            0,
+        ),
+        compute_capability: (
+            u32::try_from(attr(75)).unwrap_or(0),
+            u32::try_from(attr(76)).unwrap_or(0),
+        ),
+        sm_count: u32::try_from(attr(16)).unwrap_or(0),
+        driver_version: u32::try_from(version).unwrap_or(0),
+        attributes,
+        executes_kernels: true,
+    })
+}
+
+impl Gpu for CudaGpu {
+    fn identity(&self) -> &DeviceIdentity {
+        &self.identity
+    }
+
+    fn register_host(&self, buf: HostBuf) -> GpuResult<()> {
+        make_current(self.primary_id, self.primary)?;
+        // SAFETY: HostBuf guarantees the range is mapped for as long as the
+        // connection lives; it is unregistered before it is unmapped.
+        let result = unsafe {
+            cu::cuMemHostRegister_v2(buf.ptr().cast(), buf.len(), cu::CU_MEMHOSTREGISTER_PORTABLE)
+        };
+        match check(result) {
+            Err(HOST_MEMORY_ALREADY_REGISTERED) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn unregister_host(&self, buf: HostBuf) -> GpuResult<()> {
+        make_current(self.primary_id, self.primary)?;
+        // SAFETY: the driver checks that ptr starts a registered range.
+        match check(unsafe { cu::cuMemHostUnregister(buf.ptr().cast()) }) {
+            Err(HOST_MEMORY_NOT_REGISTERED) => {
+                debug!(ptr = ?buf.ptr(), "Host range was not registered");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn create_context(&self, flags: u32) -> GpuResult<Box<dyn GpuContext>> {
+        if flags & !ALLOWED_CTX_FLAGS != 0 {
+            return Err(Status::INVALID_VALUE);
+        }
+        let mut ctx: CUcontext = ptr::null_mut();
+        // SAFETY: ctx is a valid out-pointer; null params are allowed.
+        check(unsafe { cu::cuCtxCreate_v4(&mut ctx, ptr::null_mut(), flags, self.device) })?;
+        let context = CudaContext {
+            ctx,
+            id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
+        };
+        // cuCtxCreate pushed the new context; pop it so the thread's current
+        // context (and our cache of it) is what it was. On failure,
+        // dropping `context` destroys it.
+        let mut popped: CUcontext = ptr::null_mut();
+        // SAFETY: popped is a valid out-pointer.
+        check(unsafe { cu::cuCtxPopCurrent_v2(&mut popped) })?;
+        Ok(Box::new(context))
+    }
+}
+
+/// One real CUDA context.
+struct CudaContext {
+    ctx: CUcontext,
+    id: u64,
+}
+
+// SAFETY: a CUDA context may be made current on, and used from, any thread.
+unsafe impl Send for CudaContext {}
+
+impl Drop for CudaContext {
+    fn drop(&mut self) {
+        // SAFETY: the context is owned by self and destroyed only here;
+        // this frees everything allocated in it.
+        if let Err(status) = check(unsafe { cu::cuCtxDestroy_v2(self.ctx) }) {
+            warn!(%status, "Destroying a CUDA context failed");
+        }
+        forget_current(self.id);
+    }
+}
+
+/// Copies `bytes` into 8-byte aligned storage with at least one trailing
+/// zero byte, so the driver sees an aligned image and PTX text always ends
+/// in a NUL.
+fn aligned_image(bytes: &[u8]) -> Vec<u64> {
+    let mut words = vec![0u64; bytes.len() / 8 + 1];
+    words.as_mut_bytes()[..bytes.len()].copy_from_slice(bytes);
+    words
+}
+
+/// Copies a packed parameter block into aligned storage, after checking
+/// that every parameter lies inside it.
+fn aligned_params(params: &[u8], layout: &[ParamLayout]) -> GpuResult<Vec<u64>> {
+    let fits = layout.iter().all(|p| {
+        (p.offset as usize)
+            .checked_add(p.size as usize)
+            .is_some_and(|end| end <= params.len())
+    });
+    if !fits {
+        return Err(Status::INVALID_VALUE);
+    }
+    Ok(aligned_image(params))
+}
+
+impl CudaContext {
+    fn enter(&self) -> GpuResult<()> {
+        make_current(self.id, self.ctx)
+    }
+
+    /// Waits for `stream` when a queued operation must complete before
+    /// returning.
+    fn finish(&self, stream: StreamRef, asynchronous: bool) -> GpuResult<()> {
+        if asynchronous {
+            return Ok(());
+        }
+        // SAFETY: the stream handle was validated by the session layer.
+        check(unsafe { cu::cuStreamSynchronize(stream_ptr(stream)) })
+    }
+}
+
+/// Device address `base + offset`, or INVALID_VALUE on overflow.
+fn device_offset(base: u64, offset: usize) -> GpuResult<u64> {
+    base.checked_add(offset as u64).ok_or(Status::INVALID_VALUE)
+}
+
+impl GpuContext for CudaContext {
+    fn synchronize(&mut self) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: no arguments; our context is current.
+        check(unsafe { cu::cuCtxSynchronize() })
+    }
+
+    fn mem_alloc(&mut self, size: u64) -> GpuResult<u64> {
+        self.enter()?;
+        let mut dptr = 0;
+        // SAFETY: dptr is a valid out-pointer.
+        check(unsafe { cu::cuMemAlloc_v2(&mut dptr, to_usize(size)?) })?;
+        Ok(dptr)
+    }
+
+    fn mem_free(&mut self, dptr: u64) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: the driver validates the address.
+        check(unsafe { cu::cuMemFree_v2(dptr) })
+    }
+
+    fn memcpy_htod(
+        &mut self,
+        dst: u64,
+        src: &[HostBuf],
+        stream: StreamRef,
+        asynchronous: bool,
+        snapshot: bool,
+    ) -> GpuResult<()> {
+        self.enter()?;
+        let s = stream_ptr(stream);
+        if asynchronous && snapshot {
+            // The source is a bounce buffer the guest reuses once we answer:
+            // copy it into pageable memory, which the driver stages before
+            // cuMemcpyHtoDAsync returns, so `staged` may be dropped after.
+            let total = src
+                .iter()
+                .try_fold(0usize, |acc, b| acc.checked_add(b.len()));
+            let total = total.ok_or(Status::INVALID_VALUE)?;
+            let mut staged = Vec::new();
+            staged
+                .try_reserve_exact(total)
+                .map_err(|_| Status::OUT_OF_MEMORY)?;
+            staged.resize(total, 0u8);
+            let mut at = 0;
+            for buf in src {
+                buf.read_at(0, &mut staged[at..at + buf.len()])?;
+                at += buf.len();
+            }
+            // SAFETY: staged holds total bytes and outlives the call.
+            return check(unsafe {
+                cu::cuMemcpyHtoDAsync_v2(dst, staged.as_ptr().cast(), total, s)
+            });
+        }
+        let queued = asynchronous || stream.is_some();
+        let mut offset = 0usize;
+        for buf in src {
+            let to = device_offset(dst, offset)?;
+            // SAFETY: HostBuf guarantees its range stays mapped for as long
+            // as any queued work may read it.
+            check(unsafe {
+                if queued {
+                    cu::cuMemcpyHtoDAsync_v2(to, buf.ptr().cast(), buf.len(), s)
+                } else {
+                    cu::cuMemcpyHtoD_v2(to, buf.ptr().cast(), buf.len())
+                }
+            })?;
+            offset = offset.checked_add(buf.len()).ok_or(Status::INVALID_VALUE)?;
+        }
+        if queued {
+            self.finish(stream, asynchronous)?;
+        }
+        Ok(())
+    }
+
+    fn memcpy_dtoh(
+        &mut self,
+        dst: &[HostBuf],
+        src: u64,
+        stream: StreamRef,
+        asynchronous: bool,
+    ) -> GpuResult<()> {
+        self.enter()?;
+        let s = stream_ptr(stream);
+        let queued = asynchronous || stream.is_some();
+        let mut offset = 0usize;
+        for buf in dst {
+            let from = device_offset(src, offset)?;
+            // SAFETY: HostBuf guarantees its range stays mapped and
+            // writable for as long as any queued work may write it.
+            check(unsafe {
+                if queued {
+                    cu::cuMemcpyDtoHAsync_v2(buf.ptr().cast(), from, buf.len(), s)
+                } else {
+                    cu::cuMemcpyDtoH_v2(buf.ptr().cast(), from, buf.len())
+                }
+            })?;
+            offset = offset.checked_add(buf.len()).ok_or(Status::INVALID_VALUE)?;
+        }
+        if queued {
+            self.finish(stream, asynchronous)?;
+        }
+        Ok(())
+    }
+
+    fn memcpy_dtod(
+        &mut self,
+        dst: u64,
+        src: u64,
+        size: u64,
+        stream: StreamRef,
+        asynchronous: bool,
+    ) -> GpuResult<()> {
+        self.enter()?;
+        let size = to_usize(size)?;
+        if asynchronous || stream.is_some() {
+            // SAFETY: device addresses are validated by the driver.
+            check(unsafe { cu::cuMemcpyDtoDAsync_v2(dst, src, size, stream_ptr(stream)) })?;
+            return self.finish(stream, asynchronous);
+        }
+        // SAFETY: as above.
+        check(unsafe { cu::cuMemcpyDtoD_v2(dst, src, size) })
+    }
+
+    fn memset(
+        &mut self,
+        dst: u64,
+        value: u32,
+        elem_size: u32,
+        count: u64,
+        stream: StreamRef,
+        asynchronous: bool,
+    ) -> GpuResult<()> {
+        self.enter()?;
+        let n = to_usize(count)?;
+        let s = stream_ptr(stream);
+        let queued = asynchronous || stream.is_some();
+        // SAFETY: device addresses are validated by the driver.
+        let result = unsafe {
+            match (elem_size, queued) {
+                (1, true) => cu::cuMemsetD8Async(dst, value as u8, n, s),
+                (1, false) => cu::cuMemsetD8_v2(dst, value as u8, n),
+                (2, true) => cu::cuMemsetD16Async(dst, value as u16, n, s),
+                (2, false) => cu::cuMemsetD16_v2(dst, value as u16, n),
+                (4, true) => cu::cuMemsetD32Async(dst, value, n, s),
+                (4, false) => cu::cuMemsetD32_v2(dst, value, n),
+                _ => return Err(Status::INVALID_VALUE),
+            }
+        };
+        check(result)?;
+        if queued {
+            self.finish(stream, asynchronous)?;
+        }
+        Ok(())
+    }
+
+    fn module_load(&mut self, image: &[u8]) -> GpuResult<RawHandle> {
+        if ptx::is_fatbin_wrapper(image) {
+            warn!("Rejected a fatbin wrapper: it points into the guest's address space");
+            return Err(Status::INVALID_IMAGE);
+        }
+        if !ptx::binary_fits(image) {
+            warn!("Rejected a module image whose headers reach past its end");
+            return Err(Status::INVALID_IMAGE);
+        }
+        self.enter()?;
+        let image = aligned_image(image);
+        let mut module: cu::CUmodule = ptr::null_mut();
+        // SAFETY: the image is NUL-terminated (PTX) or checked to lie within
+        // the buffer (ELF, fatbin), and outlives the call.
+        check(unsafe { cu::cuModuleLoadData(&mut module, image.as_ptr().cast()) })?;
+        Ok(to_handle(module))
+    }
+
+    fn module_unload(&mut self, module: RawHandle) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: the session layer passes only live module handles.
+        check(unsafe { cu::cuModuleUnload(from_handle(module)) })
+    }
+
+    fn get_function(
+        &mut self,
+        module: RawHandle,
+        name: &str,
+    ) -> GpuResult<(RawHandle, Vec<ParamLayout>)> {
+        self.enter()?;
+        let name = CString::new(name).map_err(|_| Status::NOT_FOUND)?;
+        let mut func: cu::CUfunction = ptr::null_mut();
+        // SAFETY: func is a valid out-pointer, name is NUL-terminated, and
+        // the module handle is live.
+        check(unsafe { cu::cuModuleGetFunction(&mut func, from_handle(module), name.as_ptr()) })?;
+        let mut layout = Vec::new();
+        for index in 0..MAX_PARAMS as usize {
+            let (mut offset, mut size) = (0usize, 0usize);
+            // SAFETY: both out-pointers are valid; func is live.
+            match check(unsafe { cu::cuFuncGetParamInfo(func, index, &mut offset, &mut size) }) {
+                Ok(()) => layout.push(ParamLayout {
+                    offset: u32::try_from(offset).map_err(|_| Status::INVALID_VALUE)?,
+                    size: u32::try_from(size).map_err(|_| Status::INVALID_VALUE)?,
+                }),
+                // Past the last parameter.
+                Err(Status::INVALID_VALUE) => return Ok((to_handle(func), layout)),
+                Err(status) => return Err(status),
+            }
+        }
+        Err(Status::NOT_SUPPORTED)
+    }
+
+    fn get_global(&mut self, module: RawHandle, name: &str) -> GpuResult<(u64, u64)> {
+        self.enter()?;
+        let name = CString::new(name).map_err(|_| Status::NOT_FOUND)?;
+        let (mut dptr, mut bytes) = (0, 0usize);
+        // SAFETY: out-pointers are valid, name is NUL-terminated, the module
+        // handle is live.
+        check(unsafe {
+            cu::cuModuleGetGlobal_v2(&mut dptr, &mut bytes, from_handle(module), name.as_ptr())
+        })?;
+        Ok((dptr, bytes as u64))
+    }
+
+    fn launch(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        self.enter()?;
+        let mut storage = aligned_params(params, layout)?;
+        let base = storage.as_mut_bytes().as_mut_ptr();
+        let mut pointers: Vec<*mut c_void> = layout
+            .iter()
+            .map(|p| base.wrapping_add(p.offset as usize).cast())
+            .collect();
+        let kernel_params = if pointers.is_empty() {
+            ptr::null_mut()
+        } else {
+            pointers.as_mut_ptr()
+        };
+        let [gx, gy, gz] = config.grid;
+        let [bx, by, bz] = config.block;
+        // SAFETY: every pointer points at a parameter inside `storage`
+        // (checked by aligned_params); the driver copies the values before
+        // returning. The function and stream handles are live.
+        check(unsafe {
+            cu::cuLaunchKernel(
+                from_handle(function),
+                gx,
+                gy,
+                gz,
+                bx,
+                by,
+                bz,
+                config.shared_mem,
+                stream_ptr(stream),
+                kernel_params,
+                ptr::null_mut(),
+            )
+        })
+    }
+
+    fn stream_create(&mut self, flags: u32, priority: i32) -> GpuResult<RawHandle> {
+        self.enter()?;
+        let mut stream: cu::CUstream = ptr::null_mut();
+        // SAFETY: stream is a valid out-pointer.
+        check(unsafe { cu::cuStreamCreateWithPriority(&mut stream, flags, priority) })?;
+        Ok(to_handle(stream))
+    }
+
+    fn stream_destroy(&mut self, stream: RawHandle) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: the session layer passes only live stream handles.
+        check(unsafe { cu::cuStreamDestroy_v2(from_handle(stream)) })
+    }
+
+    fn stream_synchronize(&mut self, stream: StreamRef) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: as above.
+        check(unsafe { cu::cuStreamSynchronize(stream_ptr(stream)) })
+    }
+
+    fn stream_query(&mut self, stream: StreamRef) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: as above; NOT_READY comes back as an error.
+        check(unsafe { cu::cuStreamQuery(stream_ptr(stream)) })
+    }
+
+    fn stream_wait_event(&mut self, stream: StreamRef, event: RawHandle) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: live stream and event handles.
+        check(unsafe { cu::cuStreamWaitEvent(stream_ptr(stream), from_handle(event), 0) })
+    }
+
+    fn event_create(&mut self, flags: u32) -> GpuResult<RawHandle> {
+        self.enter()?;
+        let mut event: cu::CUevent = ptr::null_mut();
+        // SAFETY: event is a valid out-pointer.
+        check(unsafe { cu::cuEventCreate(&mut event, flags) })?;
+        Ok(to_handle(event))
+    }
+
+    fn event_record(&mut self, event: RawHandle, stream: StreamRef) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: live event and stream handles.
+        check(unsafe { cu::cuEventRecord(from_handle(event), stream_ptr(stream)) })
+    }
+
+    fn event_synchronize(&mut self, event: RawHandle) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: live event handle.
+        check(unsafe { cu::cuEventSynchronize(from_handle(event)) })
+    }
+
+    fn event_query(&mut self, event: RawHandle) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: live event handle; NOT_READY comes back as an error.
+        check(unsafe { cu::cuEventQuery(from_handle(event)) })
+    }
+
+    fn event_elapsed(&mut self, start: RawHandle, end: RawHandle) -> GpuResult<f32> {
+        self.enter()?;
+        let mut ms = 0f32;
+        // SAFETY: ms is a valid out-pointer; live event handles.
+        check(unsafe { cu::cuEventElapsedTime_v2(&mut ms, from_handle(start), from_handle(end)) })?;
+        Ok(ms)
+    }
+
+    fn event_destroy(&mut self, event: RawHandle) -> GpuResult<()> {
+        self.enter()?;
+        // SAFETY: live event handle, not used again by the session layer.
+        check(unsafe { cu::cuEventDestroy_v2(from_handle(event)) })
+    }
+}
+
+#[cfg(test)]
+#[path = "cuda_tests.rs"]
+mod tests;

@@ -1,0 +1,743 @@
+//! An executor for machines without a GPU.
+//!
+//! Device memory is real host memory behind fake device addresses, so copies
+//! and memsets really move bytes and can be checked end to end. Modules must
+//! be PTX: they are parsed for their entry points, parameter layouts and
+//! globals.
+//!
+//! **Kernels are NOT executed.** A launch is validated exactly as far as the
+//! driver would validate it (function handle, stream, launch geometry,
+//! shared memory, parameter block size) and then does nothing, so device
+//! memory a kernel would have written keeps its old contents. The device
+//! reports `executes_kernels: false` so clients and tests can tell.
+//!
+//! Work runs immediately, in call order, which trivially keeps every
+//! stream's order; streams and events exist for handle validation and
+//! timing only.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::time::Instant;
+
+use tracing::{debug, warn};
+use vgpu_spec::{Status, DEVICE_ATTRIBUTE_SLOTS};
+
+use super::ptx::{self, ImageKind};
+use super::{
+    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, ParamLayout, RawHandle,
+    StreamRef,
+};
+
+/// First fake device address handed out.
+const ADDRESS_BASE: u64 = 0x7f00_0000_0000;
+/// Fake addresses stay below this (2^48).
+const ADDRESS_END: u64 = 1 << 48;
+/// Alignment of every allocation, as `cuMemAlloc` guarantees.
+const ALLOC_ALIGN: u64 = 256;
+/// Largest dynamic shared memory per block (227 KiB, as on Hopper).
+const MAX_DYNAMIC_SHARED: u32 = 227 * 1024;
+const CU_EVENT_DISABLE_TIMING: u32 = 0x2;
+const CU_EVENT_INTERPROCESS: u32 = 0x4;
+
+/// (`CUdevice_attribute` id, value) pairs of the emulated device, modelled
+/// on an H100 SXM. Features the protocol does not offer (managed memory,
+/// memory pools, cooperative and cluster launch, VMM) read 0.
+const ATTRIBUTES: &[(usize, i32)] = &[
+    (1, 1024),        // MAX_THREADS_PER_BLOCK
+    (2, 1024),        // MAX_BLOCK_DIM_X
+    (3, 1024),        // MAX_BLOCK_DIM_Y
+    (4, 64),          // MAX_BLOCK_DIM_Z
+    (5, 2147483647),  // MAX_GRID_DIM_X
+    (6, 65535),       // MAX_GRID_DIM_Y
+    (7, 65535),       // MAX_GRID_DIM_Z
+    (8, 49152),       // MAX_SHARED_MEMORY_PER_BLOCK
+    (9, 65536),       // TOTAL_CONSTANT_MEMORY
+    (10, 32),         // WARP_SIZE
+    (11, 2147483647), // MAX_PITCH
+    (12, 65536),      // MAX_REGISTERS_PER_BLOCK
+    (13, 1980000),    // CLOCK_RATE (kHz)
+    (14, 512),        // TEXTURE_ALIGNMENT
+    (15, 1),          // GPU_OVERLAP
+    (16, 132),        // MULTIPROCESSOR_COUNT
+    (17, 0),          // KERNEL_EXEC_TIMEOUT
+    (18, 0),          // INTEGRATED
+    (19, 1),          // CAN_MAP_HOST_MEMORY
+    (20, 0),          // COMPUTE_MODE (default)
+    (30, 512),        // SURFACE_ALIGNMENT
+    (31, 1),          // CONCURRENT_KERNELS
+    (32, 1),          // ECC_ENABLED
+    (33, PCI_BUS as i32),
+    (34, PCI_DEVICE as i32),
+    (35, 0),        // TCC_DRIVER
+    (36, 2619000),  // MEMORY_CLOCK_RATE (kHz)
+    (37, 5120),     // GLOBAL_MEMORY_BUS_WIDTH
+    (38, 52428800), // L2_CACHE_SIZE
+    (39, 2048),     // MAX_THREADS_PER_MULTIPROCESSOR
+    (40, 2),        // ASYNC_ENGINE_COUNT
+    (41, 1),        // UNIFIED_ADDRESSING
+    (50, PCI_DOMAIN as i32),
+    (51, 32),     // TEXTURE_PITCH_ALIGNMENT
+    (75, 9),      // COMPUTE_CAPABILITY_MAJOR
+    (76, 0),      // COMPUTE_CAPABILITY_MINOR
+    (78, 1),      // STREAM_PRIORITIES_SUPPORTED
+    (79, 1),      // GLOBAL_L1_CACHE_SUPPORTED
+    (80, 1),      // LOCAL_L1_CACHE_SUPPORTED
+    (81, 233472), // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+    (82, 65536),  // MAX_REGISTERS_PER_MULTIPROCESSOR
+    (87, 2),      // SINGLE_TO_DOUBLE_PRECISION_PERF_RATIO
+    (90, 1),      // COMPUTE_PREEMPTION_SUPPORTED
+    (97, 232448), // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    (106, 32),    // MAX_BLOCKS_PER_MULTIPROCESSOR
+    (111, 1024),  // RESERVED_SHARED_MEMORY_PER_BLOCK
+    (115, 0),     // MEMORY_POOLS_SUPPORTED
+    (126, 4),     // MEM_SYNC_DOMAIN_COUNT
+];
+const PCI_DOMAIN: u32 = 0;
+const PCI_BUS: u8 = 0x18;
+const PCI_DEVICE: u8 = 0;
+
+/// The emulated device. Cheap to share; contexts hold a reference to its
+/// memory accounting.
+pub struct EmulatedGpu {
+    identity: DeviceIdentity,
+    shared: Arc<Shared>,
+}
+
+/// State shared by all contexts of one device.
+struct Shared {
+    total: u64,
+    used: AtomicU64,
+    next_address: AtomicU64,
+}
+
+impl Shared {
+    /// Charges `size` bytes against the device's memory.
+    fn charge(&self, size: u64) -> GpuResult<()> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(size).filter(|u| *u <= self.total)
+            })
+            .map(drop)
+            .map_err(|_| Status::OUT_OF_MEMORY)
+    }
+
+    fn release(&self, size: u64) {
+        // Never underflows: every release matches an earlier charge.
+        self.used.fetch_sub(size, Ordering::AcqRel);
+    }
+
+    /// A fresh device address range of `size` bytes. Addresses are never
+    /// reused, so a stale pointer can never alias a later allocation.
+    fn reserve_address(&self, size: u64) -> GpuResult<u64> {
+        let span = size
+            .max(1)
+            .checked_next_multiple_of(ALLOC_ALIGN)
+            .ok_or(Status::OUT_OF_MEMORY)?;
+        self.next_address
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| {
+                next.checked_add(span).filter(|end| *end <= ADDRESS_END)
+            })
+            .map_err(|_| Status::OUT_OF_MEMORY)
+    }
+}
+
+impl EmulatedGpu {
+    /// An emulated device with `total_mem` bytes of (host-backed) memory.
+    pub fn new(total_mem: u64) -> EmulatedGpu {
+        let mut attributes = vec![0i32; DEVICE_ATTRIBUTE_SLOTS as usize];
+        for &(id, value) in ATTRIBUTES {
+            if let Some(slot) = attributes.get_mut(id) {
+                *slot = value;
+            }
+        }
+        let identity = DeviceIdentity {
+            name: "vgpu emulated device".to_string(),
+            uuid: *b"vgpu-emulated-00",
+            total_mem,
+            pci: (PCI_DOMAIN, PCI_BUS, PCI_DEVICE, 0),
+            compute_capability: (9, 0),
+            sm_count: 132,
+            driver_version: 13000,
+            attributes,
+            executes_kernels: false,
+        };
+        EmulatedGpu {
+            identity,
+            shared: Arc::new(Shared {
+                total: total_mem,
+                used: AtomicU64::new(0),
+                next_address: AtomicU64::new(ADDRESS_BASE),
+            }),
+        }
+    }
+
+    /// Bytes of device memory currently allocated by all contexts.
+    pub fn mem_used(&self) -> u64 {
+        self.shared.used.load(Ordering::Acquire)
+    }
+}
+
+impl Gpu for EmulatedGpu {
+    fn identity(&self) -> &DeviceIdentity {
+        &self.identity
+    }
+
+    fn register_host(&self, _buf: HostBuf) -> GpuResult<()> {
+        Ok(()) // host memory is directly addressable here
+    }
+
+    fn unregister_host(&self, _buf: HostBuf) -> GpuResult<()> {
+        Ok(())
+    }
+
+    fn create_context(&self, _flags: u32) -> GpuResult<Box<dyn GpuContext>> {
+        static NOTICE: Once = Once::new();
+        NOTICE.call_once(|| {
+            warn!("The emulated device validates kernel launches but does not execute kernels");
+        });
+        Ok(Box::new(EmulatedContext {
+            shared: Arc::clone(&self.shared),
+            allocs: BTreeMap::new(),
+            modules: HashMap::new(),
+            functions: HashMap::new(),
+            streams: HashSet::new(),
+            events: HashMap::new(),
+            next_handle: 1,
+        }))
+    }
+}
+
+/// Zeroed host memory standing in for device memory.
+struct Block {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: Block exclusively owns its allocation, like a Box<[u8]>.
+unsafe impl Send for Block {}
+
+impl Block {
+    /// Allocates `len` zeroed bytes, or None if the host has no memory
+    /// (never aborts the process). Large blocks are mapped lazily by the
+    /// allocator, so untouched memory costs nothing.
+    fn zeroed(len: u64) -> Option<Block> {
+        let len = usize::try_from(len).ok()?;
+        let layout = Layout::from_size_align(len.max(1), ALLOC_ALIGN as usize).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        Some(Block { ptr, len, layout })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr points to an owned, initialized (zeroed) allocation of
+        // at least len bytes, borrowed for the lifetime of &self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // SAFETY: ptr was returned by alloc_zeroed with exactly this layout
+        // and is freed only here.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// Who owns an allocation: the guest (mem_alloc) or a module (its globals).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Guest,
+    Module(RawHandle),
+}
+
+struct Alloc {
+    block: Block,
+    owner: Owner,
+}
+
+struct Module {
+    entries: Vec<ptx::PtxEntry>,
+    globals: HashMap<String, (u64, u64)>,
+    functions: HashMap<String, RawHandle>,
+}
+
+struct Function {
+    params: Vec<ParamLayout>,
+}
+
+struct Event {
+    flags: u32,
+    recorded: Option<Instant>,
+}
+
+/// One emulated context: its allocations, modules, streams and events.
+struct EmulatedContext {
+    shared: Arc<Shared>,
+    allocs: BTreeMap<u64, Alloc>,
+    modules: HashMap<RawHandle, Module>,
+    functions: HashMap<RawHandle, Function>,
+    streams: HashSet<RawHandle>,
+    events: HashMap<RawHandle, Event>,
+    next_handle: RawHandle,
+}
+
+impl Drop for EmulatedContext {
+    fn drop(&mut self) {
+        for alloc in self.allocs.values() {
+            self.shared.release(alloc.block.len as u64);
+        }
+    }
+}
+
+impl EmulatedContext {
+    fn new_handle(&mut self) -> RawHandle {
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        handle
+    }
+
+    fn check_stream(&self, stream: StreamRef) -> GpuResult<()> {
+        match stream {
+            Some(s) if !self.streams.contains(&s) => Err(Status::INVALID_HANDLE),
+            _ => Ok(()),
+        }
+    }
+
+    fn event(&mut self, event: RawHandle) -> GpuResult<&mut Event> {
+        self.events.get_mut(&event).ok_or(Status::INVALID_HANDLE)
+    }
+
+    /// Allocates, charges and maps a zeroed block.
+    fn allocate(&mut self, size: u64, owner: Owner) -> GpuResult<u64> {
+        self.shared.charge(size)?;
+        let Some(block) = Block::zeroed(size) else {
+            self.shared.release(size);
+            return Err(Status::OUT_OF_MEMORY);
+        };
+        let address = match self.shared.reserve_address(size) {
+            Ok(address) => address,
+            Err(status) => {
+                self.shared.release(size);
+                return Err(status);
+            }
+        };
+        self.allocs.insert(address, Alloc { block, owner });
+        Ok(address)
+    }
+
+    /// The allocation containing `[addr, addr + len)`: (start, offset).
+    fn locate(&self, addr: u64, len: u64) -> GpuResult<(u64, usize)> {
+        let (&start, alloc) = self
+            .allocs
+            .range(..=addr)
+            .next_back()
+            .ok_or(Status::INVALID_VALUE)?;
+        let offset = addr - start;
+        offset
+            .checked_add(len)
+            .filter(|end| *end <= alloc.block.len as u64)
+            .ok_or(Status::INVALID_VALUE)?;
+        // offset <= block length, which is a usize.
+        Ok((start, offset as usize))
+    }
+
+    fn bytes_mut(&mut self, addr: u64, len: u64) -> GpuResult<&mut [u8]> {
+        let (start, offset) = self.locate(addr, len)?;
+        let alloc = self.allocs.get_mut(&start).ok_or(Status::INVALID_VALUE)?;
+        Ok(&mut alloc.block.as_mut_slice()[offset..offset + len as usize])
+    }
+
+    fn bytes(&self, addr: u64, len: u64) -> GpuResult<&[u8]> {
+        let (start, offset) = self.locate(addr, len)?;
+        let alloc = self.allocs.get(&start).ok_or(Status::INVALID_VALUE)?;
+        Ok(&alloc.block.as_slice()[offset..offset + len as usize])
+    }
+
+    fn free_owned_by(&mut self, owner: Owner) {
+        let shared = &self.shared;
+        self.allocs.retain(|_, alloc| {
+            let keep = alloc.owner != owner;
+            if !keep {
+                shared.release(alloc.block.len as u64);
+            }
+            keep
+        });
+    }
+}
+
+fn total_len(bufs: &[HostBuf]) -> GpuResult<u64> {
+    bufs.iter()
+        .try_fold(0u64, |acc, b| acc.checked_add(b.len() as u64))
+        .ok_or(Status::INVALID_VALUE)
+}
+
+fn check_launch_config(config: &LaunchConfig) -> GpuResult<()> {
+    let [gx, gy, gz] = config.grid;
+    let [bx, by, bz] = config.block;
+    let grid_ok =
+        (1..=2147483647).contains(&gx) && (1..=65535).contains(&gy) && (1..=65535).contains(&gz);
+    let block_ok = (1..=1024).contains(&bx)
+        && (1..=1024).contains(&by)
+        && (1..=64).contains(&bz)
+        && u64::from(bx) * u64::from(by) * u64::from(bz) <= 1024;
+    if grid_ok && block_ok && config.shared_mem <= MAX_DYNAMIC_SHARED {
+        Ok(())
+    } else {
+        Err(Status::INVALID_VALUE)
+    }
+}
+
+impl GpuContext for EmulatedContext {
+    fn synchronize(&mut self) -> GpuResult<()> {
+        Ok(())
+    }
+
+    fn mem_alloc(&mut self, size: u64) -> GpuResult<u64> {
+        if size == 0 {
+            return Err(Status::INVALID_VALUE);
+        }
+        self.allocate(size, Owner::Guest)
+    }
+
+    fn mem_free(&mut self, dptr: u64) -> GpuResult<()> {
+        match self.allocs.get(&dptr) {
+            Some(alloc) if alloc.owner == Owner::Guest => {
+                self.shared.release(alloc.block.len as u64);
+                self.allocs.remove(&dptr);
+                Ok(())
+            }
+            _ => Err(Status::INVALID_VALUE),
+        }
+    }
+
+    fn memcpy_htod(
+        &mut self,
+        dst: u64,
+        src: &[HostBuf],
+        stream: StreamRef,
+        _asynchronous: bool,
+        _snapshot: bool,
+    ) -> GpuResult<()> {
+        self.check_stream(stream)?;
+        let total = total_len(src)?;
+        if total == 0 {
+            return Ok(());
+        }
+        let mut dst = self.bytes_mut(dst, total)?;
+        for buf in src {
+            let (head, rest) = dst.split_at_mut(buf.len());
+            buf.read_at(0, head)?;
+            dst = rest;
+        }
+        Ok(())
+    }
+
+    fn memcpy_dtoh(
+        &mut self,
+        dst: &[HostBuf],
+        src: u64,
+        stream: StreamRef,
+        _asynchronous: bool,
+    ) -> GpuResult<()> {
+        self.check_stream(stream)?;
+        let total = total_len(dst)?;
+        if total == 0 {
+            return Ok(());
+        }
+        let mut src = self.bytes(src, total)?;
+        for buf in dst {
+            let (head, rest) = src.split_at(buf.len());
+            buf.write_at(0, head)?;
+            src = rest;
+        }
+        Ok(())
+    }
+
+    fn memcpy_dtod(
+        &mut self,
+        dst: u64,
+        src: u64,
+        size: u64,
+        stream: StreamRef,
+        _asynchronous: bool,
+    ) -> GpuResult<()> {
+        self.check_stream(stream)?;
+        if size == 0 {
+            return Ok(());
+        }
+        let (src_start, src_off) = self.locate(src, size)?;
+        let (dst_start, dst_off) = self.locate(dst, size)?;
+        let len = size as usize; // fits: it lies inside one block
+        if src_start == dst_start {
+            let alloc = self
+                .allocs
+                .get_mut(&src_start)
+                .ok_or(Status::INVALID_VALUE)?;
+            alloc
+                .block
+                .as_mut_slice()
+                .copy_within(src_off..src_off + len, dst_off);
+            return Ok(());
+        }
+        // Take the source out so both blocks can be borrowed at once.
+        let source = self
+            .allocs
+            .remove(&src_start)
+            .ok_or(Status::INVALID_VALUE)?;
+        let result = self.bytes_mut(dst, size).map(|dst| {
+            dst.copy_from_slice(&source.block.as_slice()[src_off..src_off + len]);
+        });
+        self.allocs.insert(src_start, source);
+        result
+    }
+
+    fn memset(
+        &mut self,
+        dst: u64,
+        value: u32,
+        elem_size: u32,
+        count: u64,
+        stream: StreamRef,
+        _asynchronous: bool,
+    ) -> GpuResult<()> {
+        self.check_stream(stream)?;
+        if !matches!(elem_size, 1 | 2 | 4) || !dst.is_multiple_of(u64::from(elem_size)) {
+            return Err(Status::INVALID_VALUE);
+        }
+        let len = count
+            .checked_mul(u64::from(elem_size))
+            .ok_or(Status::INVALID_VALUE)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bytes = self.bytes_mut(dst, len)?;
+        match elem_size {
+            1 => bytes.fill(value as u8),
+            2 => bytes
+                .chunks_exact_mut(2)
+                .for_each(|c| c.copy_from_slice(&(value as u16).to_le_bytes())),
+            _ => bytes
+                .chunks_exact_mut(4)
+                .for_each(|c| c.copy_from_slice(&value.to_le_bytes())),
+        }
+        Ok(())
+    }
+
+    fn module_load(&mut self, image: &[u8]) -> GpuResult<RawHandle> {
+        match ptx::image_kind(image) {
+            ImageKind::Ptx => {}
+            kind @ (ImageKind::Elf | ImageKind::Fatbin) => {
+                warn!(
+                    ?kind,
+                    "The emulated device can only load PTX modules, not cubins or fatbins"
+                );
+                return Err(Status::NOT_SUPPORTED);
+            }
+            ImageKind::Unknown => return Err(Status::INVALID_IMAGE),
+        }
+        let parsed = ptx::parse(ptx::strip_trailing_nuls(image)).map_err(|error| {
+            warn!(%error, "Rejected a PTX module");
+            Status::INVALID_PTX
+        })?;
+        let handle = self.new_handle();
+        let mut globals = HashMap::new();
+        for (name, size) in parsed.globals {
+            match self.allocate(size, Owner::Module(handle)) {
+                Ok(address) => {
+                    globals.insert(name, (address, size));
+                }
+                Err(status) => {
+                    self.free_owned_by(Owner::Module(handle));
+                    return Err(status);
+                }
+            }
+        }
+        debug!(
+            handle,
+            entries = parsed.entries.len(),
+            globals = globals.len(),
+            "Loaded PTX module"
+        );
+        self.modules.insert(
+            handle,
+            Module {
+                entries: parsed.entries,
+                globals,
+                functions: HashMap::new(),
+            },
+        );
+        Ok(handle)
+    }
+
+    fn module_unload(&mut self, module: RawHandle) -> GpuResult<()> {
+        let removed = self.modules.remove(&module).ok_or(Status::INVALID_HANDLE)?;
+        for function in removed.functions.values() {
+            self.functions.remove(function);
+        }
+        self.free_owned_by(Owner::Module(module));
+        Ok(())
+    }
+
+    fn get_function(
+        &mut self,
+        module: RawHandle,
+        name: &str,
+    ) -> GpuResult<(RawHandle, Vec<ParamLayout>)> {
+        let found = self.modules.get(&module).ok_or(Status::INVALID_HANDLE)?;
+        if let Some(&handle) = found.functions.get(name) {
+            let params = self.functions.get(&handle).map(|f| f.params.clone());
+            return params.map(|p| (handle, p)).ok_or(Status::INVALID_HANDLE);
+        }
+        let params = found
+            .entries
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.params.clone())
+            .ok_or(Status::NOT_FOUND)?;
+        let handle = self.new_handle();
+        self.functions.insert(
+            handle,
+            Function {
+                params: params.clone(),
+            },
+        );
+        if let Some(m) = self.modules.get_mut(&module) {
+            m.functions.insert(name.to_string(), handle);
+        }
+        Ok((handle, params))
+    }
+
+    fn get_global(&mut self, module: RawHandle, name: &str) -> GpuResult<(u64, u64)> {
+        let found = self.modules.get(&module).ok_or(Status::INVALID_HANDLE)?;
+        found.globals.get(name).copied().ok_or(Status::NOT_FOUND)
+    }
+
+    /// Validates the launch; the kernel is NOT executed (see module docs).
+    fn launch(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        stream: StreamRef,
+        params: &[u8],
+        _layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        let func = self
+            .functions
+            .get(&function)
+            .ok_or(Status::INVALID_HANDLE)?;
+        let expected = func
+            .params
+            .iter()
+            .map(|p| p.offset + p.size)
+            .max()
+            .unwrap_or(0);
+        self.check_stream(stream)?;
+        check_launch_config(&config)?;
+        if params.len() != expected as usize {
+            return Err(Status::INVALID_VALUE);
+        }
+        debug!(
+            function,
+            ?config,
+            "Emulated launch validated; the kernel is not executed"
+        );
+        Ok(())
+    }
+
+    fn stream_create(&mut self, flags: u32, _priority: i32) -> GpuResult<RawHandle> {
+        if flags & !1 != 0 {
+            return Err(Status::INVALID_VALUE); // only CU_STREAM_NON_BLOCKING is defined
+        }
+        let handle = self.new_handle();
+        self.streams.insert(handle);
+        Ok(handle)
+    }
+
+    fn stream_destroy(&mut self, stream: RawHandle) -> GpuResult<()> {
+        if self.streams.remove(&stream) {
+            Ok(())
+        } else {
+            Err(Status::INVALID_HANDLE)
+        }
+    }
+
+    fn stream_synchronize(&mut self, stream: StreamRef) -> GpuResult<()> {
+        self.check_stream(stream)
+    }
+
+    fn stream_query(&mut self, stream: StreamRef) -> GpuResult<()> {
+        self.check_stream(stream) // work completes as it is issued: always idle
+    }
+
+    fn stream_wait_event(&mut self, stream: StreamRef, event: RawHandle) -> GpuResult<()> {
+        self.check_stream(stream)?;
+        self.event(event).map(drop)
+    }
+
+    fn event_create(&mut self, flags: u32) -> GpuResult<RawHandle> {
+        let interprocess_without_timing_off =
+            flags & CU_EVENT_INTERPROCESS != 0 && flags & CU_EVENT_DISABLE_TIMING == 0;
+        if flags & !0x7 != 0 || interprocess_without_timing_off {
+            return Err(Status::INVALID_VALUE);
+        }
+        let handle = self.new_handle();
+        self.events.insert(
+            handle,
+            Event {
+                flags,
+                recorded: None,
+            },
+        );
+        Ok(handle)
+    }
+
+    fn event_record(&mut self, event: RawHandle, stream: StreamRef) -> GpuResult<()> {
+        self.check_stream(stream)?;
+        self.event(event)?.recorded = Some(Instant::now());
+        Ok(())
+    }
+
+    fn event_synchronize(&mut self, event: RawHandle) -> GpuResult<()> {
+        self.event(event).map(drop)
+    }
+
+    fn event_query(&mut self, event: RawHandle) -> GpuResult<()> {
+        self.event(event).map(drop)
+    }
+
+    fn event_elapsed(&mut self, start: RawHandle, end: RawHandle) -> GpuResult<f32> {
+        let time = |e: &Event| {
+            e.recorded
+                .filter(|_| e.flags & CU_EVENT_DISABLE_TIMING == 0)
+                .ok_or(Status::INVALID_HANDLE)
+        };
+        let start = time(self.events.get(&start).ok_or(Status::INVALID_HANDLE)?)?;
+        let end = time(self.events.get(&end).ok_or(Status::INVALID_HANDLE)?)?;
+        let ms = if end >= start {
+            end.duration_since(start).as_secs_f64() * 1e3
+        } else {
+            -(start.duration_since(end).as_secs_f64() * 1e3)
+        };
+        Ok(ms as f32)
+    }
+
+    fn event_destroy(&mut self, event: RawHandle) -> GpuResult<()> {
+        self.events
+            .remove(&event)
+            .map(drop)
+            .ok_or(Status::INVALID_HANDLE)
+    }
+}
+
+#[cfg(test)]
+#[path = "emulated_tests.rs"]
+mod tests;

@@ -1,0 +1,411 @@
+//! The socket server: one vhost-user daemon per accepted frontend, each on
+//! its own threads, all sharing one executor and one slice.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+
+use thiserror::Error;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
+use vm_memory::GuestMemoryAtomic;
+
+use crate::config::{BackendConfig, DeviceSpec, SliceUuid, DEFAULT_EMULATED_MEMORY};
+use crate::device::VgpuDevice;
+use crate::gpu::Gpu;
+use crate::guest::GuestMemoryMmap;
+use crate::shared::DeviceShared;
+use crate::slice::SliceMemory;
+
+/// Why a backend could not start or stopped serving.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The CUDA device could not be opened.
+    #[error("Cannot open CUDA device {ordinal}: {message}")]
+    OpenCuda {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// What the executor said.
+        message: String,
+    },
+    /// The memory limit is zero or above the device's memory.
+    #[error("Memory limit of {limit} bytes is invalid: the device has {total} bytes")]
+    MemoryLimit {
+        /// The limit asked for.
+        limit: u64,
+        /// The device's memory.
+        total: u64,
+    },
+    /// The queue size limit is outside 1..=1024.
+    #[error("Queue size limit {0} is invalid: it must be between 1 and 1024")]
+    QueueSize(u16),
+    /// The socket could not be created.
+    #[error("Cannot listen on {path}: {source}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        source: VhostUserError,
+    },
+    /// The socket's directory could not be created.
+    #[error("Cannot create the socket directory {path}: {source}")]
+    SocketDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The vhost-user daemon failed.
+    #[error("vhost-user daemon failed: {0}")]
+    Daemon(String),
+}
+
+/// Consecutive accept failures after which the backend gives up.
+const MAX_ACCEPT_FAILURES: u32 = 100;
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn daemon_error(e: DaemonError) -> Error {
+    Error::Daemon(e.to_string())
+}
+
+/// Opens the executor a device spec names.
+pub fn open_gpu(config: &BackendConfig) -> Result<Arc<dyn Gpu>, Error> {
+    match config.device {
+        DeviceSpec::Emulated => {
+            let total = config
+                .emulated_memory
+                .or(config.memory_limit)
+                .unwrap_or(DEFAULT_EMULATED_MEMORY);
+            Ok(Arc::new(crate::gpu::emulated::EmulatedGpu::new(total)))
+        }
+        DeviceSpec::Cuda(ordinal) => match crate::gpu::cuda::CudaGpu::open(ordinal) {
+            Ok(gpu) => Ok(Arc::new(gpu)),
+            Err(e) => Err(Error::OpenCuda {
+                ordinal,
+                message: e.to_string(),
+            }),
+        },
+    }
+}
+
+#[derive(Default)]
+struct Connections {
+    next_id: AtomicU64,
+    active: Mutex<HashMap<u64, ShutdownHandle>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Connections {
+    fn count(&self) -> usize {
+        lock(&self.active).len()
+    }
+
+    /// Disconnects every frontend and waits for their cleanup.
+    fn shutdown_all(&self) {
+        for handle in lock(&self.active).values() {
+            handle.shutdown();
+        }
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("A connection thread panicked");
+            }
+        }
+    }
+
+    /// Forgets threads that have finished.
+    fn reap(&self) {
+        let mut threads = lock(&self.threads);
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut *threads)
+            .into_iter()
+            .partition(|t| t.is_finished());
+        *threads = running;
+        drop(threads);
+        for t in done {
+            if t.join().is_err() {
+                tracing::error!("A connection thread panicked");
+            }
+        }
+    }
+}
+
+/// Stops a running backend from another thread.
+#[derive(Clone)]
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    socket: PathBuf,
+}
+
+impl StopHandle {
+    /// Asks the backend to stop: it stops accepting, disconnects every
+    /// frontend, frees what they held, and `serve` returns.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept call; the connection is dropped unserved.
+        let _ = UnixStream::connect(&self.socket);
+    }
+}
+
+/// A bound, not yet serving backend.
+pub struct Backend {
+    shared: Arc<DeviceShared>,
+    listener: Listener,
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    connections: Arc<Connections>,
+}
+
+impl Backend {
+    /// Opens the device the config names and binds the socket.
+    pub fn new(config: BackendConfig) -> Result<Backend, Error> {
+        let gpu = open_gpu(&config)?;
+        Self::with_gpu(config, gpu)
+    }
+
+    /// Binds the socket, serving the given executor (`config.device` is
+    /// not looked at).
+    pub fn with_gpu(config: BackendConfig, gpu: Arc<dyn Gpu>) -> Result<Backend, Error> {
+        let total = gpu.identity().total_mem;
+        let limit = config.memory_limit.unwrap_or(total);
+        if limit == 0 || limit > total {
+            return Err(Error::MemoryLimit { limit, total });
+        }
+        if config.max_queue_size == 0 || config.max_queue_size > vgpu_spec::MAX_QUEUE_SIZE {
+            return Err(Error::QueueSize(config.max_queue_size));
+        }
+        let uuid = config
+            .uuid
+            .unwrap_or_else(|| SliceUuid::generate(&config.slice_name));
+        let slice = Arc::new(SliceMemory::new(limit));
+        let shared = Arc::new(DeviceShared::new(
+            gpu,
+            slice,
+            &config.slice_name,
+            uuid,
+            config.max_sessions,
+            config.max_queue_size,
+        ));
+        if let Some(dir) = config.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| Error::SocketDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let listener = Listener::new(&config.socket, true).map_err(|source| Error::Listen {
+            path: config.socket.clone(),
+            source,
+        })?;
+        tracing::info!(
+            slice = %config.slice_name,
+            %uuid,
+            device = %shared.gpu.identity().name,
+            memory_limit = limit,
+            "listening on {}",
+            config.socket.display()
+        );
+        Ok(Backend {
+            shared,
+            listener,
+            socket: config.socket,
+            stop: Arc::new(AtomicBool::new(false)),
+            connections: Arc::new(Connections::default()),
+        })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The slice's memory accounting (shared by all connections).
+    pub fn slice(&self) -> Arc<SliceMemory> {
+        self.shared.slice.clone()
+    }
+
+    /// The config space the device presents.
+    pub fn config_space(&self) -> vgpu_spec::VgpuConfig {
+        self.shared.config
+    }
+
+    /// A handle that stops [`Backend::serve`] from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            stop: self.stop.clone(),
+            socket: self.socket.clone(),
+        }
+    }
+
+    /// Runs [`Backend::serve`] on a thread.
+    pub fn spawn(self) -> Result<RunningBackend, Error> {
+        let stop = self.stop_handle();
+        let slice = self.slice();
+        let connections = self.connections.clone();
+        let socket = self.socket.clone();
+        let thread = thread::Builder::new()
+            .name("vgpu-accept".into())
+            .spawn(move || self.serve())
+            .map_err(|e| Error::Daemon(format!("Cannot start the accept thread: {e}")))?;
+        Ok(RunningBackend {
+            stop,
+            slice,
+            connections,
+            socket,
+            thread: Some(thread),
+        })
+    }
+
+    /// Accepts frontends until stopped, serving each on its own threads.
+    /// On stop, every frontend is disconnected and everything freed.
+    pub fn serve(mut self) -> Result<(), Error> {
+        let result = self.accept_loop();
+        self.connections.shutdown_all();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "Backend stopped on an error");
+        } else {
+            tracing::info!("Backend stopped");
+        }
+        result
+    }
+
+    fn accept_loop(&mut self) -> Result<(), Error> {
+        let mut failures = 0u32;
+        while !self.stop.load(Ordering::SeqCst) {
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let device = Arc::new(VgpuDevice::new(self.shared.clone(), mem.clone()));
+            let mut daemon = VhostUserDaemon::new("vgpu-conn".into(), device.clone(), mem)
+                .map_err(daemon_error)?;
+            if let Err(e) = daemon.start(&mut self.listener) {
+                if self.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                // Accept can fail transiently (out of descriptors): back off
+                // and retry, but give up if it keeps failing.
+                failures += 1;
+                tracing::error!(error = %e, failures, "Cannot accept a frontend");
+                if failures >= MAX_ACCEPT_FAILURES {
+                    return Err(daemon_error(e));
+                }
+                thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+            failures = 0;
+            if self.stop.load(Ordering::SeqCst) {
+                // The wake-up connection from StopHandle::stop.
+                daemon.request_shutdown();
+                if let Err(e) = daemon.wait() {
+                    tracing::debug!(error = %e, "Wake-up connection ended");
+                }
+                finish_connection(daemon, &device);
+                break;
+            }
+            self.connections.reap();
+            let id = self.connections.next_id.fetch_add(1, Ordering::Relaxed);
+            if let Some(handle) = daemon.shutdown_handle() {
+                lock(&self.connections.active).insert(id, handle);
+            }
+            tracing::info!(connection = id, "Frontend connected");
+            let connections = self.connections.clone();
+            let thread = thread::Builder::new()
+                .name(format!("vgpu-conn-{id}"))
+                .spawn(move || {
+                    match daemon.wait() {
+                        Ok(()) => {}
+                        Err(DaemonError::HandleRequest(
+                            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                        )) => {}
+                        Err(e) => tracing::warn!(connection = id, error = %e, "Frontend connection failed"),
+                    }
+                    finish_connection(daemon, &device);
+                    lock(&connections.active).remove(&id);
+                    tracing::info!(connection = id, "Frontend disconnected; its sessions are freed");
+                });
+            match thread {
+                Ok(t) => lock(&self.connections.threads).push(t),
+                Err(e) => {
+                    lock(&self.connections.active).remove(&id);
+                    tracing::error!(error = %e, "Cannot start a connection thread");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stops the vring workers of a finished daemon, then frees the
+/// connection's sessions and memory registrations.
+fn finish_connection(daemon: VhostUserDaemon<Arc<VgpuDevice>>, device: &VgpuDevice) {
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    // Dropping the daemon joins its vring workers, so no request is being
+    // processed once it returns.
+    drop(daemon);
+    device.close();
+}
+
+/// A backend serving on a thread; for in-process tests and embedding.
+pub struct RunningBackend {
+    stop: StopHandle,
+    slice: Arc<SliceMemory>,
+    connections: Arc<Connections>,
+    socket: PathBuf,
+    thread: Option<JoinHandle<Result<(), Error>>>,
+}
+
+impl RunningBackend {
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The slice's memory accounting.
+    pub fn slice(&self) -> &SliceMemory {
+        &self.slice
+    }
+
+    /// Number of frontends connected right now.
+    pub fn connection_count(&self) -> usize {
+        self.connections.count()
+    }
+
+    /// A handle that stops the backend.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Stops the backend and waits for it: every frontend is disconnected
+    /// and everything they held is freed.
+    pub fn stop(mut self) -> Result<(), Error> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<(), Error> {
+        self.stop.stop();
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| Error::Daemon("The accept thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningBackend {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_and_join() {
+            tracing::error!(error = %e, "Backend did not stop cleanly");
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
