@@ -34,3 +34,9 @@ mod state;
 mod stream;
 mod types;
 mod unsupported;
+
+/// Marks this library as vgpu's guest driver, so that a backend which loads
+/// it by mistake in place of NVIDIA's driver (a stray `LD_LIBRARY_PATH`)
+/// refuses with a clear error instead of forwarding to itself.
+#[no_mangle]
+pub extern "C" fn vgpu_guest_library() {}

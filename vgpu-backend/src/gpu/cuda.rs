@@ -117,8 +117,9 @@ pub const GUEST_LIBRARY_MARKER: &[u8] = b"vgpu_guest_library";
 
 /// Context flags a guest may ask for: scheduling (0x7), MAP_HOST (0x8),
 /// LMEM_RESIZE_TO_MAX (0x10) and SYNC_MEMOPS (0x80). Others (core dumps,
-/// green contexts) are not for guests to choose.
-const ALLOWED_CTX_FLAGS: u32 = 0x1f | 0x80;
+/// green contexts) are not for guests to choose. The emulated device
+/// checks the same set.
+pub const ALLOWED_CTX_FLAGS: u32 = 0x1f | 0x80;
 const HOST_MEMORY_ALREADY_REGISTERED: Status = Status(712);
 const HOST_MEMORY_NOT_REGISTERED: Status = Status(713);
 

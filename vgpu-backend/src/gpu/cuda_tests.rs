@@ -256,3 +256,47 @@ fn real_gpu_copies_launches_and_times() {
     // SAFETY: allocated above with this layout; no longer registered.
     unsafe { std::alloc::dealloc(region, layout) };
 }
+
+/// Loads nvcc's PTX, cubin and fatbin of one program (in the directory
+/// `VGPU_TEST_IMAGES`: k.ptx, k.cubin, k.fatbin) and checks that the
+/// parser's layouts and global sizes match the driver's for every kernel.
+#[test]
+#[ignore = "needs an NVIDIA GPU and nvcc-built images"]
+fn real_gpu_agrees_with_the_parser_on_nvcc_images() {
+    let dir =
+        std::path::PathBuf::from(std::env::var("VGPU_TEST_IMAGES").expect("VGPU_TEST_IMAGES"));
+    let ptx_text = std::fs::read(dir.join("k.ptx")).unwrap();
+    let parsed = ptx::parse(&ptx_text).unwrap();
+    assert!(parsed.entries.len() >= 4, "{parsed:?}");
+    let gpu = CudaGpu::open(0).unwrap();
+    let mut ctx = gpu.create_context(0).unwrap();
+    for file in ["k.ptx", "k.cubin", "k.fatbin"] {
+        let image = std::fs::read(dir.join(file)).unwrap();
+        assert!(ptx::binary_fits(&image), "{file} rejected by binary_fits");
+        eprintln!(
+            "{file}: {:?}, {} bytes",
+            ptx::image_kind(&image),
+            image.len()
+        );
+        let m = ctx.module_load(&image).unwrap();
+        for entry in &parsed.entries {
+            let (_, layout) = ctx.get_function(m, &entry.name).unwrap();
+            eprintln!("  {} {:?}", entry.name, layout);
+            assert_eq!(layout, entry.params, "{file}: {}", entry.name);
+        }
+        for (name, size) in &parsed.globals {
+            assert_eq!(ctx.get_global(m, name).unwrap().1, *size, "{file}: {name}");
+        }
+        ctx.module_unload(m).unwrap();
+    }
+    // Truncated binaries are refused before they reach the driver.
+    for file in ["k.cubin", "k.fatbin"] {
+        let image = std::fs::read(dir.join(file)).unwrap();
+        let cut = &image[..image.len() - 1];
+        assert_eq!(
+            ctx.module_load(cut).unwrap_err(),
+            Status::INVALID_IMAGE,
+            "{file}"
+        );
+    }
+}

@@ -193,7 +193,10 @@ impl Gpu for EmulatedGpu {
         Ok(())
     }
 
-    fn create_context(&self, _flags: u32) -> GpuResult<Box<dyn GpuContext>> {
+    fn create_context(&self, flags: u32) -> GpuResult<Box<dyn GpuContext>> {
+        if flags & !super::cuda::ALLOWED_CTX_FLAGS != 0 {
+            return Err(Status::INVALID_VALUE);
+        }
         static NOTICE: Once = Once::new();
         NOTICE.call_once(|| {
             warn!("The emulated device validates kernel launches but does not execute kernels");

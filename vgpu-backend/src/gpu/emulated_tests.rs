@@ -393,3 +393,13 @@ fn host_registration_is_a_no_op() {
     gpu.register_host(host(&mut region)).unwrap();
     gpu.unregister_host(host(&mut region)).unwrap();
 }
+
+#[test]
+fn context_flags_outside_the_guest_set_are_rejected() {
+    let gpu = EmulatedGpu::new(1 << 20);
+    assert!(gpu.create_context(0x4 | 0x8).is_ok());
+    assert!(matches!(
+        gpu.create_context(0x20),
+        Err(Status::INVALID_VALUE)
+    ));
+}
