@@ -47,7 +47,7 @@ ln -s "$target/libcuda.so" "$work/lib/libcuda.so"
 
 socket=$work/vgpu.sock
 step "Starting vgpu-backend --device $device --memory-limit $memory_limit"
-"$target/vgpu-backend" --socket "$socket" --device "$device" \
+NO_COLOR=1 "$target/vgpu-backend" --socket "$socket" --device "$device" \
     --memory-limit "$memory_limit" >"$work/backend.log" 2>&1 &
 backend_pid=$!
 

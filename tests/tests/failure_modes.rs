@@ -26,6 +26,7 @@ fn missing_backend_gives_no_device_error_quickly() {
     let dir = TempDir::new("nobackend");
     let socket = dir.path().join("does-not-exist.sock");
     let out = init_with_socket(&socket);
+    println!("{}", out.transcript());
     out.assert_passed();
     assert!(
         out.stdout.contains("INIT rc=100 "),
@@ -59,6 +60,7 @@ fn killed_backend_gives_device_unavailable_not_hang() {
     backend.kill();
     client.send_line("go");
     let out = client.wait(CLIENT_BOUND);
+    println!("{}", out.transcript());
     out.assert_passed();
     let lost = out
         .stdout

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut config = BackendConfig::new(cli.socket, cli.device).slice_name(cli.slice);
     config.memory_limit = cli.memory_limit;
