@@ -73,6 +73,7 @@ impl<'a> Rig<'a> {
         worker
             .process(queue, &mut self.queue, self.mem, conn)
             .unwrap()
+            .notify
     }
 
     /// The next used element: (head, len).
@@ -295,5 +296,23 @@ fn corrupt_available_index_does_not_hang_or_panic() {
 fn empty_queue_needs_no_notification() {
     with_rig(|_mem, rig, conn, worker| {
         assert!(!rig.run(CONTROL_QUEUE, conn, worker));
+    });
+}
+
+#[test]
+fn polling_after_work_sees_a_new_chain_and_gives_up_when_idle() {
+    with_rig(|mem, rig, conn, worker| {
+        let budget = std::time::Duration::from_millis(2);
+        // Nothing new: the poll runs out and notifications are back on.
+        let start = std::time::Instant::now();
+        assert!(!QueueWorker::poll_for_more(CONTROL_QUEUE, &mut rig.queue, mem, budget).unwrap());
+        assert!(start.elapsed() >= budget);
+        // A chain published before the poll is seen at once.
+        put(mem, 0x10000, &device_info_request(7));
+        rig.add(&[D(0x10000, 32, false), D(0x20000, 4096, true)]);
+        assert!(QueueWorker::poll_for_more(CONTROL_QUEUE, &mut rig.queue, mem, budget).unwrap());
+        // And it is then served normally.
+        assert!(rig.run(CONTROL_QUEUE, conn, worker));
+        assert_eq!(rig.next_used().1, DEVICE_INFO_BYTES);
     });
 }
