@@ -99,9 +99,12 @@ resolved_libcuda() {
 start_backend() {
     local dist=$1 sock=$2 logfile=$3 i
     rm -f "$sock"
-    log "starting vgpu-backend --socket $sock --device $VGPU_DEVICE (log: $logfile)"
+    # VGPU_BACKEND_ARGS: extra backend options (e.g. "--poll-us 0"), split on spaces.
+    local -a extra
+    read -r -a extra <<<"${VGPU_BACKEND_ARGS:-}"
+    log "starting vgpu-backend --socket $sock --device $VGPU_DEVICE ${extra[*]} (log: $logfile)"
     env RUST_LOG="$BACKEND_LOG" LD_LIBRARY_PATH="$NATIVE_LIB_DIR" \
-        "$dist/bin/vgpu-backend" --socket "$sock" --device "$VGPU_DEVICE" >>"$logfile" 2>&1 &
+        "$dist/bin/vgpu-backend" --socket "$sock" --device "$VGPU_DEVICE" "${extra[@]}" >>"$logfile" 2>&1 &
     BACKEND_PID=$!
     for i in $(seq 1 600); do
         if [ -S "$sock" ]; then

@@ -165,6 +165,9 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     value.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
+/// Default busy-poll time after a batch (see [`BackendConfig::poll_after_work`]).
+pub const DEFAULT_POLL_AFTER_WORK: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// Everything a backend needs to start.
 #[derive(Clone, Debug)]
 pub struct BackendConfig {
@@ -184,6 +187,9 @@ pub struct BackendConfig {
     pub max_queue_size: u16,
     /// The most sessions one connection may hold open.
     pub max_sessions: u32,
+    /// How long a queue is busy-polled after a batch before its worker
+    /// sleeps: latency for back-to-back calls against CPU time.
+    pub poll_after_work: std::time::Duration,
     /// Total memory of the emulated device; `None` means the memory limit if
     /// one is given, else [`DEFAULT_EMULATED_MEMORY`]. Ignored for CUDA.
     pub emulated_memory: Option<u64>,
@@ -200,6 +206,7 @@ impl BackendConfig {
             uuid: None,
             max_queue_size: vgpu_spec::MAX_QUEUE_SIZE,
             max_sessions: DEFAULT_MAX_SESSIONS,
+            poll_after_work: DEFAULT_POLL_AFTER_WORK,
             emulated_memory: None,
         }
     }

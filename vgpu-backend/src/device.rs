@@ -102,17 +102,20 @@ impl VgpuDevice {
             // within microseconds, and catching it here saves the kick and
             // the wake-up (most of a round trip).
             if done.handled == 0
-                || !QueueWorker::poll_for_more(index, state.get_queue_mut(), &mem, POLL_AFTER_WORK)
-                    .map_err(io::Error::other)?
+                || self.shared.poll_after_work.is_zero()
+                || !QueueWorker::poll_for_more(
+                    index,
+                    state.get_queue_mut(),
+                    &mem,
+                    self.shared.poll_after_work,
+                )
+                .map_err(io::Error::other)?
             {
                 return Ok(());
             }
         }
     }
 }
-
-/// How long a queue is busy-polled after a batch before the worker sleeps.
-const POLL_AFTER_WORK: std::time::Duration = std::time::Duration::from_micros(50);
 
 impl VhostUserBackend for VgpuDevice {
     type Bitmap = ();

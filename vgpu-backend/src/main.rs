@@ -31,6 +31,10 @@ struct Cli {
     /// The largest virtqueue size accepted.
     #[arg(long, value_name = "N", default_value_t = vgpu_spec::MAX_QUEUE_SIZE)]
     max_queue_size: u16,
+    /// Microseconds to keep polling a queue after a batch before sleeping
+    /// (0 disables polling: less CPU, slower back-to-back calls).
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    poll_us: u64,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
     config.memory_limit = cli.memory_limit;
     config.uuid = cli.uuid;
     config.max_queue_size = cli.max_queue_size;
+    config.poll_after_work = std::time::Duration::from_micros(cli.poll_us);
     let result = Backend::new(config).and_then(Backend::serve);
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -185,14 +185,16 @@ impl Backend {
             .uuid
             .unwrap_or_else(|| SliceUuid::generate(&config.slice_name));
         let slice = Arc::new(SliceMemory::new(limit));
-        let shared = Arc::new(DeviceShared::new(
+        let mut shared = DeviceShared::new(
             gpu,
             slice,
             &config.slice_name,
             uuid,
             config.max_sessions,
             config.max_queue_size,
-        ));
+        );
+        shared.poll_after_work = config.poll_after_work;
+        let shared = Arc::new(shared);
         if let Some(dir) = config.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| Error::SocketDir {
                 path: dir.to_owned(),

@@ -37,6 +37,9 @@ pub struct DeviceShared {
     pub max_sessions: u32,
     /// The largest queue size accepted.
     pub max_queue_size: u16,
+    /// How long a queue is busy-polled after a batch before its worker
+    /// sleeps (zero: never).
+    pub poll_after_work: std::time::Duration,
 }
 
 impl DeviceShared {
@@ -76,6 +79,7 @@ impl DeviceShared {
             config,
             max_sessions,
             max_queue_size,
+            poll_after_work: crate::config::DEFAULT_POLL_AFTER_WORK,
         }
     }
 
