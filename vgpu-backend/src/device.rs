@@ -97,11 +97,15 @@ impl VgpuDevice {
             if done.notify {
                 state.signal_used_queue()?;
             }
-            // After real work, poll briefly before going back to sleep: a
-            // guest waiting on its answer usually sends the next request
+            // After a small batch, poll briefly before going back to sleep:
+            // a guest waiting on its answer usually sends the next request
             // within microseconds, and catching it here saves the kick and
-            // the wake-up (most of a round trip).
+            // the wake-up (most of a round trip). After a large batch the
+            // guest is streaming asynchronous work and keeps the ring full
+            // by itself; polling there measured slower launches (see
+            // bench/results/README.md).
             if done.handled == 0
+                || done.handled > POLL_MAX_BATCH
                 || self.shared.poll_after_work.is_zero()
                 || !QueueWorker::poll_for_more(
                     index,
@@ -116,6 +120,9 @@ impl VgpuDevice {
         }
     }
 }
+
+/// Batches larger than this are not followed by polling.
+const POLL_MAX_BATCH: usize = 8;
 
 impl VhostUserBackend for VgpuDevice {
     type Bitmap = ();
