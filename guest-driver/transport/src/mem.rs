@@ -10,9 +10,17 @@
 //! [`SLOT_REQ_BYTES`]) and its response (up to [`SLOT_RESP_BYTES`]); a queue
 //! has one slot per possible in-flight chain (every chain is two descriptors).
 //! The event queue gets a ring but no slots: the device posts nothing in v1.
+//!
+//! With `VGPU_HUGEPAGES=1` (set for processes in a VM, whose memory
+//! `vgpu-guestd` relays), every memfd shared with the backend is created on
+//! hugetlbfs (`MFD_HUGETLB`, 2 MiB pages, sizes rounded up to 2 MiB), so
+//! the relay can hand the device physical addresses instead of copying.
+//! If hugetlb memory cannot be had, the normal memfd is used, with a warning.
 
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use crate::ring::RingLayout;
 use crate::TransportError;
@@ -30,6 +38,15 @@ const SLOT_BYTES: usize = SLOT_REQ_BYTES + SLOT_RESP_BYTES;
 pub const MIN_STAGING_BYTES: usize = 64 << 10;
 /// Queues that carry requests (control and submission) and so have slots.
 pub const REQUEST_QUEUES: usize = 2;
+
+/// Size of the huge pages used with `VGPU_HUGEPAGES=1`.
+pub const HUGE_PAGE_BYTES: usize = 2 << 20;
+
+/// True if `VGPU_HUGEPAGES=1`: shared memory should be hugetlb-backed.
+pub fn hugepages_wanted() -> bool {
+    static WANTED: OnceLock<bool> = OnceLock::new();
+    *WANTED.get_or_init(|| std::env::var("VGPU_HUGEPAGES").is_ok_and(|v| v.trim() == "1"))
+}
 
 /// The system page size.
 pub fn page_size() -> usize {
@@ -52,14 +69,48 @@ unsafe impl Send for SharedMem {}
 unsafe impl Sync for SharedMem {}
 
 impl SharedMem {
-    /// Creates a zero-filled memfd of `len` bytes (rounded up to a page) and maps it.
+    /// Creates a zero-filled memfd of `len` bytes (rounded up to a page) and
+    /// maps it; hugetlb-backed if [`hugepages_wanted`].
     pub fn new(name: &CStr, len: usize) -> Result<SharedMem, TransportError> {
+        Self::with_hugepages(name, len, hugepages_wanted())
+    }
+
+    /// As [`new`](Self::new), on 2 MiB huge pages (length rounded up to
+    /// 2 MiB) if `huge`; falls back to normal pages with a warning when
+    /// hugetlb memory is unavailable.
+    pub fn with_hugepages(name: &CStr, len: usize, huge: bool) -> Result<SharedMem, TransportError> {
+        if huge {
+            match Self::create(name, len, true) {
+                Ok(mem) => return Ok(mem),
+                Err(e) => {
+                    static WARNED: AtomicBool = AtomicBool::new(false);
+                    if !WARNED.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            error = %e,
+                            len,
+                            "Cannot create hugetlb shared memory; using normal pages, so \
+                             vgpu-guestd will copy buffers in it"
+                        );
+                    }
+                }
+            }
+        }
+        Self::create(name, len, false)
+    }
+
+    fn create(name: &CStr, len: usize, huge: bool) -> Result<SharedMem, TransportError> {
+        let unit = if huge { HUGE_PAGE_BYTES } else { page_size() };
         let len = len
-            .checked_next_multiple_of(page_size())
+            .checked_next_multiple_of(unit)
             .filter(|l| *l > 0)
             .ok_or_else(|| TransportError::InvalidArgument(format!("Bad mapping size {len}")))?;
+        let flags = if huge {
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB
+        } else {
+            libc::MFD_CLOEXEC
+        };
         // SAFETY: `name` is a valid NUL-terminated string.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), flags) };
         if raw < 0 {
             return Err(TransportError::last_os("memfd_create"));
         }
@@ -231,5 +282,23 @@ mod tests {
         assert_eq!(m.offset_of(m.ptr().wrapping_add(m.len() - 1), 2), None);
         assert_eq!(m.offset_of(m.ptr().wrapping_sub(1), 1), None);
         assert!(m.fd() >= 0);
+    }
+
+    #[test]
+    fn hugepage_request_gives_usable_memory_with_or_without_hugepages() {
+        // Hosts without reserved huge pages fall back to normal pages.
+        let m = SharedMem::with_hugepages(c"vgpu-test-huge", 10_000, true).unwrap();
+        // 10 000 bytes round to 2 MiB on huge pages, to 12 KiB otherwise.
+        assert!(
+            m.len() == HUGE_PAGE_BYTES || m.len() == 10_000usize.next_multiple_of(page_size()),
+            "{}",
+            m.len()
+        );
+        assert!(m.len() >= 10_000);
+        // SAFETY: inside the fresh mapping.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(m.ptr(), m.len()) };
+        bytes[m.len() - 1] = 7;
+        assert_eq!(bytes[m.len() - 1], 7);
+        assert_eq!(bytes[0], 0);
     }
 }

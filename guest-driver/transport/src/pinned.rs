@@ -2,15 +2,18 @@
 //!
 //! Each region gets its own guest-physical range above [`PINNED_BASE_GPA`],
 //! handed out by a bump allocator in 2 MiB steps and never reused, so a stale
-//! sg entry can never alias a newer region.
+//! sg entry can never alias a newer region. With `VGPU_HUGEPAGES=1` a
+//! region's memfd is on 2 MiB huge pages (see `mem`), its length rounded up
+//! to 2 MiB, which still fits the span reserved for it.
 
 use std::collections::BTreeMap;
 
-use crate::mem::{SharedMem, PINNED_BASE_GPA};
+use crate::mem::{SharedMem, HUGE_PAGE_BYTES, PINNED_BASE_GPA};
 use crate::TransportError;
 
-/// Guest-physical spacing of pinned regions.
-const GPA_STEP: u64 = 2 << 20;
+/// Guest-physical spacing of pinned regions: a multiple of the huge page
+/// size, so a hugetlb region rounded up to whole huge pages fits its span.
+const GPA_STEP: u64 = HUGE_PAGE_BYTES as u64;
 
 /// One region shared with the device.
 pub struct Region {
