@@ -135,6 +135,17 @@ mod tests {
     }
 
     #[test]
+    fn reserved_span_fits_a_region_rounded_up_to_huge_pages() {
+        let mut t = Pinned::new(8);
+        for len in [1, 10_000, HUGE_PAGE_BYTES, HUGE_PAGE_BYTES + 1] {
+            let a = t.reserve(len).unwrap();
+            let b = t.reserve(1).unwrap();
+            let huge_len = len.next_multiple_of(HUGE_PAGE_BYTES) as u64;
+            assert!(b - a >= huge_len, "{len}: span {} < {huge_len}", b - a);
+        }
+    }
+
+    #[test]
     fn slots_run_out() {
         let mut t = Pinned::new(1);
         t.reserve(1).unwrap();
