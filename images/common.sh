@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the images/ scripts; sourced, not run.
 #
 # VGPU_CACHE is the cache root (default ~/.cache/vgpu, or $XDG_CACHE_HOME/vgpu). Everything the

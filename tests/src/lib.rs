@@ -14,6 +14,7 @@ pub mod backend;
 pub mod client;
 pub mod raw;
 pub mod tempdir;
+pub mod vm;
 
 use std::thread;
 use std::time::{Duration, Instant};

@@ -19,8 +19,9 @@ pub const EVENT_QUEUE_SIZE: u16 = 64;
 /// The config space size the VMM exposes (`vgpu_spec::CONFIG_SPACE_SIZE`).
 pub const CONFIG_SIZE: usize = CONFIG_SPACE_SIZE;
 
-/// QEMU's generic vhost-user device asserts when its config space is larger than this
-/// (`VHOST_USER_MAX_CONFIG_SIZE` in `hw/virtio/virtio.c`).
+/// QEMU's vhost-user frontend asserts when a device's config space is larger than this
+/// (`assert(config_len <= VHOST_USER_MAX_CONFIG_SIZE)` in `vhost_user_get_config()`,
+/// `hw/virtio/vhost-user.c`).
 pub const QEMU_MAX_CONFIG_SIZE: usize = 256;
 
 const fn queue_sizes() -> [u16; NUM_QUEUES] {
@@ -32,7 +33,10 @@ const fn queue_sizes() -> [u16; NUM_QUEUES] {
 const _: () = {
     assert!(DEVICE_TYPE >= 64, "Linux virtio_pci would claim the device");
     assert!(CONFIG_SIZE <= QEMU_MAX_CONFIG_SIZE, "QEMU asserts on more");
-    assert!(CONFIG_SIZE > 0, "the driver reads capabilities from config space");
+    assert!(
+        CONFIG_SIZE > 0,
+        "the driver reads capabilities from config space"
+    );
     assert!(NUM_QUEUES == 3);
     // cloud-hypervisor refuses queue sizes that are not powers of two; virtio caps them at 32768.
     let mut i = 0;

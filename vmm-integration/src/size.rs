@@ -34,7 +34,7 @@ impl MemorySize {
 
     /// `bytes` bytes, which must be a whole, nonzero number of MiB.
     pub fn from_bytes(bytes: u64) -> Result<MemorySize, SizeError> {
-        if bytes == 0 || bytes % MIB != 0 {
+        if bytes == 0 || !bytes.is_multiple_of(MIB) {
             return Err(SizeError::NotWholeMib(u128::from(bytes)));
         }
         Ok(MemorySize { mib: bytes / MIB })

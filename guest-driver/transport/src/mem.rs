@@ -78,7 +78,11 @@ impl SharedMem {
     /// As [`new`](Self::new), on 2 MiB huge pages (length rounded up to
     /// 2 MiB) if `huge`; falls back to normal pages with a warning when
     /// hugetlb memory is unavailable.
-    pub fn with_hugepages(name: &CStr, len: usize, huge: bool) -> Result<SharedMem, TransportError> {
+    pub fn with_hugepages(
+        name: &CStr,
+        len: usize,
+        huge: bool,
+    ) -> Result<SharedMem, TransportError> {
         if huge {
             match Self::create(name, len, true) {
                 Ok(mem) => return Ok(mem),
