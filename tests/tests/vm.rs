@@ -332,3 +332,60 @@ fn guestd_bounces_nothing_for_hugepage_clients() {
         "a normal-page client's copies are bounced (the counter works): {plain}"
     );
 }
+
+const GUESTD_KILLED: &str = r#". /lib/vgpu/test-lib.sh
+start_guestd
+mem_hog 67108864 1048576 >/tmp/hog.out 2>&1 &
+hog=$!
+wait_until 300 "mem_hog to allocate" grep -q '^ALLOCATED' /tmp/hog.out
+host_wait kill-guestd
+kill -9 "$GUESTD_PID"
+kill -9 "$hog"
+wait 2>/dev/null
+start_guestd
+host_wait freed
+run_labelled meminfo mem_info || die "mem_info exited with status $rc"
+guestd_alive
+"#;
+
+/// A guestd killed with SIGKILL cannot close its clients' sessions; the
+/// next guestd resets the device, QEMU stops the rings, and the backend
+/// frees what the dead guestd's clients held, while the VM stays up.
+#[test]
+fn sessions_of_a_killed_guestd_are_freed_when_the_device_is_reset() {
+    let test = "sessions_of_a_killed_guestd_are_freed_when_the_device_is_reset";
+    let Some(images) = vm_images_or_skip(test) else {
+        return;
+    };
+    let backend = BackendProcess::spawn_emulated(GIB);
+    let files = GuestFiles::new()
+        .guestd()
+        .libcuda()
+        .c_program("mem_hog")
+        .c_program("mem_info")
+        .test("guestd_killed", &format!("{CLIENT_ENV}{GUESTD_KILLED}"));
+    let mut vm = boot(&images, &files, &backend, "guestd_killed");
+    vm.wait_for_line("host_wait kill-guestd", STEP_TIMEOUT, |l| {
+        is_wait_line(l, "kill-guestd")
+    });
+    let (free, _) = mem_info(&backend);
+    assert!(
+        free <= GIB - (64 << 20),
+        "the guest hog's 64 MiB is in use on the host (free {free})"
+    );
+    vm.release("kill-guestd", STEP_TIMEOUT);
+    vm.wait_for_line("host_wait freed", STEP_TIMEOUT, |l| {
+        is_wait_line(l, "freed")
+    });
+    let freed = wait_until_slice_is_free(&backend, "the dead guestd's sessions to be freed");
+    assert_eq!(freed, GIB);
+    vm.release("freed", STEP_TIMEOUT);
+    let outcome = vm.wait_for_result();
+    print_timings(&outcome);
+    outcome.assert_passed();
+    assert!(
+        backend.log().contains("Submission queue stopped"),
+        "the backend freed the sessions because the ring stopped\n{}",
+        backend.log()
+    );
+}

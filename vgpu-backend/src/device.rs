@@ -185,6 +185,21 @@ impl VhostUserBackend for VgpuDevice {
         }
     }
 
+    /// The frontend stops a ring when the guest driver resets the device or
+    /// goes away without closing the connection (a VM whose in-guest driver
+    /// was killed and restarted). Stopping the submission queue means no one
+    /// is left to use the sessions opened through it, so they are freed.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if queue_index == u32::from(vgpu_spec::SUBMISSION_QUEUE) {
+            let mut work = lock(&self.work);
+            if work.connection.session_count() > 0 {
+                tracing::info!("Submission queue stopped; freeing this connection's sessions");
+                work.connection.close_all();
+            }
+        }
+        Ok(())
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -216,11 +231,55 @@ mod tests {
     use vm_memory::GuestAddress;
     use zerocopy::FromBytes;
 
-    use crate::testutil::shared;
+    use crate::testutil::{encode, shared};
 
     fn device() -> VgpuDevice {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         VgpuDevice::new(shared(1 << 30, 256 << 20), mem)
+    }
+
+    #[test]
+    fn stopping_the_submission_queue_frees_the_connections_sessions() {
+        use vgpu_spec::wire::{
+            CtxCreateReq, HandleResp, MemAllocReq, SessionOpenReq, SessionOpenResp,
+        };
+        use vgpu_spec::{Request, Response, Status, CONTROL_QUEUE, SUBMISSION_QUEUE};
+
+        let d = device();
+        let mem = GuestMemoryMmap::new();
+        let mut out = Vec::new();
+        let mut call = |d: &VgpuDevice, queue: u16, bytes: Vec<u8>| -> Vec<u8> {
+            out.clear();
+            lock(&d.work)
+                .connection
+                .handle(queue, &bytes, &mem, &mut out);
+            let resp = Response::decode(&out).unwrap();
+            assert_eq!(resp.status(), Status::SUCCESS);
+            resp.body.to_vec()
+        };
+        let open = Request::SessionOpen(SessionOpenReq {
+            pid: 1.into(),
+            version: vgpu_spec::PROTOCOL_VERSION.into(),
+        });
+        let body = call(&d, CONTROL_QUEUE, encode(&open, 0, 0, 0, 1));
+        let session = SessionOpenResp::read_from_bytes(&body)
+            .unwrap()
+            .session
+            .get();
+        let create = Request::CtxCreate(CtxCreateReq::default());
+        let body = call(&d, SUBMISSION_QUEUE, encode(&create, session, 0, 0, 2));
+        let ctx = HandleResp::read_from_bytes(&body).unwrap().handle.get();
+        let alloc = Request::MemAlloc(MemAllocReq {
+            size: (8u64 << 20).into(),
+        });
+        call(&d, SUBMISSION_QUEUE, encode(&alloc, session, ctx, 0, 3));
+        assert_eq!(d.shared.slice.used(), 8 << 20);
+
+        // The control queue stopping alone frees nothing.
+        d.stop_vring(u32::from(CONTROL_QUEUE)).unwrap();
+        assert_eq!(d.shared.slice.used(), 8 << 20);
+        d.stop_vring(u32::from(SUBMISSION_QUEUE)).unwrap();
+        assert_eq!(d.shared.slice.used(), 0);
     }
 
     #[test]

@@ -1,6 +1,12 @@
-//! PCI through sysfs: finding the vGPU function, binding it to
-//! `uio_pci_generic`, config space and the virtio-pci capabilities, and BAR
-//! mappings (`resourceN`, shared, accessed with volatile loads and stores).
+//! PCI through sysfs: finding the vGPU function, binding it to a userspace
+//! driver, config space and the virtio-pci capabilities, and BAR mappings
+//! (shared, accessed with volatile loads and stores).
+//!
+//! [`PciAccess`] is what the device code needs from a bound function:
+//! config space, BAR mappings and optionally its interrupt. [`UioFunction`]
+//! provides them for `uio_pci_generic` (the sysfs `config` and `resourceN`
+//! files, and `/dev/uioN`); `crate::vfio::VfioFunction` for `vfio-pci` in
+//! no-IOMMU mode (regions of the VFIO device fd, and an eventfd).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -11,6 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+
+use crate::irq::{Interrupts, Uio};
 
 /// Where the PCI bus lives in sysfs.
 pub const SYSFS_PCI: &str = "/sys/bus/pci";
@@ -245,7 +253,7 @@ impl PciDevice {
             .filter(|p| p.exists())
     }
 
-    /// Opens the function's config space.
+    /// Opens the function's config space (its sysfs `config` file).
     pub fn config(&self) -> Result<ConfigSpace, PciError> {
         let path = self.path.join("config");
         let file = OpenOptions::new()
@@ -253,7 +261,7 @@ impl PciDevice {
             .write(true)
             .open(&path)
             .map_err(io_err("open", &path))?;
-        Ok(ConfigSpace { file, path })
+        Ok(ConfigSpace::new(file, path, 0, SYSFS_CONFIG_MAX))
     }
 
     /// Maps BAR `bar` (its `resourceN` file) shared, read-write.
@@ -263,20 +271,38 @@ impl PciDevice {
     }
 }
 
-/// A function's config space, through its sysfs `config` file.
+/// Most config space a sysfs `config` file shows (reads stop short at its
+/// real end).
+const SYSFS_CONFIG_MAX: usize = 4096;
+
+/// A function's config space: `len` bytes at offset `base` of a file (the
+/// sysfs `config` file at 0, or the config region of a VFIO device fd).
 #[derive(Debug)]
 pub struct ConfigSpace {
     file: File,
     path: PathBuf,
+    base: u64,
+    len: usize,
 }
 
 impl ConfigSpace {
+    /// Config space as the `len` bytes at `base` of `file`; `path` names it
+    /// in errors.
+    pub fn new(file: File, path: PathBuf, base: u64, len: usize) -> ConfigSpace {
+        ConfigSpace {
+            file,
+            path,
+            base,
+            len,
+        }
+    }
+
     /// All of config space the kernel shows (256 or 4096 bytes for root).
     pub fn read_all(&self) -> Result<Vec<u8>, PciError> {
-        let mut buf = vec![0u8; 4096];
+        let mut buf = vec![0u8; self.len];
         let n = self
             .file
-            .read_at(&mut buf, 0)
+            .read_at(&mut buf, self.base)
             .map_err(io_err("read", &self.path))?;
         buf.truncate(n);
         Ok(buf)
@@ -285,14 +311,14 @@ impl ConfigSpace {
     fn read_u16(&self, offset: u64) -> Result<u16, PciError> {
         let mut b = [0u8; 2];
         self.file
-            .read_exact_at(&mut b, offset)
+            .read_exact_at(&mut b, self.base + offset)
             .map_err(io_err("read", &self.path))?;
         Ok(u16::from_le_bytes(b))
     }
 
     fn write_u16(&self, offset: u64, value: u16) -> Result<(), PciError> {
         self.file
-            .write_all_at(&value.to_le_bytes(), offset)
+            .write_all_at(&value.to_le_bytes(), self.base + offset)
             .map_err(io_err("write", &self.path))
     }
 
@@ -435,14 +461,26 @@ impl Bar {
                 bar,
                 reason: "too large".into(),
             })?;
+        Bar::map_file(&file, 0, len, bar)
+    }
+
+    /// Maps `len` bytes at `offset` of `file` (a `resourceN` file, or a
+    /// VFIO device fd at a region's offset) shared, read-write.
+    pub fn map_file(file: &File, offset: u64, len: usize, bar: u8) -> Result<Arc<Bar>, PciError> {
         if len == 0 {
             return Err(PciError::Bar {
                 bar,
                 reason: "it is empty (an I/O or unused BAR)".into(),
             });
         }
-        // SAFETY: mapping `len` bytes of the BAR's resource file, shared; the
-        // kernel checks the range against the BAR.
+        let offset = libc::off_t::try_from(offset).map_err(|_| PciError::Bar {
+            bar,
+            reason: format!("offset {offset:#x} is too large"),
+        })?;
+        // SAFETY: mapping `len` bytes at `offset` of an open file, shared, at
+        // an address the kernel picks; the kernel checks the range against
+        // the BAR (resource file) or region (VFIO). The mapping is owned by
+        // the returned Bar.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -450,7 +488,7 @@ impl Bar {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
-                0,
+                offset,
             )
         };
         if ptr == libc::MAP_FAILED {
