@@ -7,14 +7,11 @@
 //! number of threads may have requests in flight; whoever waits reaps the
 //! used ring under the queue's lock and leaves other waiters' completions
 //! in a table for them. Waiting spins briefly, then sleeps with a backoff
-//! of up to 1 ms, and with `uio_pci_generic` sleeps in `poll` on the uio
-//! node so the device's interrupt wakes it early.
+//! of up to 1 ms, and where the binding offers the device's interrupt (the
+//! uio node, or a VFIO INTx eventfd) sleeps in `poll` on it so the
+//! interrupt wakes it early.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,7 +22,8 @@ use vgpu_transport::ring::{RingError, RingLayout, Segment, SplitRing};
 
 use crate::dma::{DmaError, DmaMemory, Pagemap, PhysLookup, HUGE_PAGE};
 use crate::heap::{DmaBuf, Heap, HeapError};
-use crate::pci::{cap, virtio_caps, Bar, PciDevice, PciError, VirtioCap, Window};
+use crate::irq::{self, Interrupts};
+use crate::pci::{cap, virtio_caps, Bar, PciAccess, PciError, VirtioCap, Window};
 use crate::virtio::{pick_size, QueueInfo, RingAddrs, VirtioError, VirtioPci};
 
 /// How long a waiter spins before it sleeps.
@@ -109,7 +107,8 @@ pub struct DeviceOptions {
     pub queue_size: u16,
     /// Bytes of huge-page DMA memory (rings and heap).
     pub dma_bytes: usize,
-    /// Use the uio node's interrupt to wake waiters.
+    /// Use the function's interrupt (if its binding has one) to wake
+    /// waiters.
     pub interrupts: bool,
 }
 
@@ -129,53 +128,6 @@ struct DevQueue {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The uio node: INTx notifications of the device.
-struct Uio {
-    file: File,
-}
-
-impl Uio {
-    fn open(path: &Path) -> std::io::Result<Uio> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)?;
-        let uio = Uio { file };
-        uio.unmask();
-        Ok(uio)
-    }
-
-    fn unmask(&self) {
-        let one = 1u32.to_ne_bytes();
-        // SAFETY: writes 4 bytes from a live buffer to an fd we own.
-        let _ = unsafe { libc::write(self.file.as_raw_fd(), one.as_ptr().cast(), 4) };
-    }
-
-    /// Sleeps up to `timeout` or until the device interrupts; on an
-    /// interrupt, acknowledges it (`ack` reads the ISR) and unmasks INTx.
-    fn wait(&self, timeout: Duration, ack: impl Fn() -> u8) {
-        let mut pfd = libc::pollfd {
-            fd: self.file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: one valid pollfd and a valid timespec; no signal mask.
-        let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
-        if n > 0 && pfd.revents & libc::POLLIN != 0 {
-            let mut count = [0u8; 4];
-            // SAFETY: reads at most 4 bytes into a live buffer.
-            let _ = unsafe { libc::read(self.file.as_raw_fd(), count.as_mut_ptr().cast(), 4) };
-            ack();
-            self.unmask();
-        }
-    }
 }
 
 /// Backoff state of one wait.
@@ -202,7 +154,7 @@ struct Parts {
     queues: Vec<DevQueue>,
     event: SplitRing,
     heap: Arc<Heap>,
-    uio: Option<Uio>,
+    irq: Option<Box<dyn Interrupts>>,
     mem: Arc<DmaMemory>,
 }
 
@@ -215,9 +167,12 @@ pub struct VgpuPci {
     _event: SplitRing,
     heap: Arc<Heap>,
     pagemap: Pagemap,
-    uio: Option<Uio>,
+    irq: Option<Box<dyn Interrupts>>,
     next_ticket: AtomicU64,
     mem: Arc<DmaMemory>,
+    /// The binding: kept so its descriptors (VFIO container, group and
+    /// device) stay open while the device runs.
+    _pci: Arc<dyn PciAccess>,
 }
 
 fn find_cap(
@@ -248,14 +203,11 @@ pub fn place_rings(sizes: &[u16]) -> Result<(Vec<usize>, usize), RingError> {
 }
 
 impl VgpuPci {
-    /// Initialises the function `dev` (bound to a userspace driver): maps
+    /// Initialises the function `pci` (bound to a userspace driver): maps
     /// its BARs, resets and negotiates, reads the config space, lays out the
     /// rings and the heap in huge pages, and sets DRIVER_OK.
-    pub fn open(
-        dev: &PciDevice,
-        uio_node: Option<&Path>,
-        opts: &DeviceOptions,
-    ) -> Result<VgpuPci, DeviceError> {
+    pub fn open(pci: Arc<dyn PciAccess>, opts: &DeviceOptions) -> Result<VgpuPci, DeviceError> {
+        let dev = pci.as_ref();
         let config_space = dev.config()?;
         config_space.enable_bus_master()?;
         let caps = virtio_caps(&config_space.read_all()?)?;
@@ -281,7 +233,7 @@ impl VgpuPci {
         )?;
         virtio.reset()?;
         let pagemap = Pagemap::open()?;
-        let parts = match Self::init(&virtio, &pagemap, uio_node, opts) {
+        let parts = match Self::init(&virtio, &pagemap, dev, opts) {
             Ok(parts) => parts,
             Err(e) => {
                 virtio.fail();
@@ -295,9 +247,10 @@ impl VgpuPci {
             _event: parts.event,
             heap: parts.heap,
             pagemap,
-            uio: parts.uio,
+            irq: parts.irq,
             next_ticket: AtomicU64::new(1),
             mem: parts.mem,
+            _pci: pci,
         })
     }
 
@@ -306,7 +259,7 @@ impl VgpuPci {
     fn init(
         virtio: &VirtioPci<Window>,
         pagemap: &Pagemap,
-        uio_node: Option<&Path>,
+        pci: &dyn PciAccess,
         opts: &DeviceOptions,
     ) -> Result<Parts, DeviceError> {
         virtio.negotiate()?;
@@ -330,13 +283,13 @@ impl VgpuPci {
             opts.dma_bytes.max(rings_end + (1 << 20)),
             pagemap,
         )?);
-        let uio = match uio_node.filter(|_| opts.interrupts) {
-            Some(p) => Uio::open(p)
-                .map_err(|e| {
-                    tracing::warn!(node = %p.display(), error = %e, "Cannot open the uio node; polling only")
-                })
-                .ok(),
-            None => None,
+        let irq = if opts.interrupts {
+            pci.interrupts().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "Cannot set up the device's interrupt; polling only");
+                None
+            })
+        } else {
+            None
         };
         let mut rings = Vec::with_capacity(NUM_QUEUES);
         for (q, (&off, &size)) in offsets.iter().zip(&sizes).enumerate() {
@@ -348,7 +301,7 @@ impl VgpuPci {
             // the ring and the device touch those bytes.
             let ring = unsafe { SplitRing::new(mem.ptr().add(off), gpa, size) };
             let mut ring = ring.map_err(|source| DeviceError::Ring { queue: q, source })?;
-            if uio.is_some() && q != vgpu_spec::EVENT_QUEUE {
+            if irq.is_some() && q != vgpu_spec::EVENT_QUEUE {
                 ring.set_interrupts(true);
             }
             let addrs = RingAddrs {
@@ -383,7 +336,7 @@ impl VgpuPci {
             queue_sizes = ?sizes,
             dma_bytes = mem.len(),
             heap = heap.capacity(),
-            interrupts = uio.is_some(),
+            interrupts = irq.is_some(),
             "Device initialised"
         );
         Ok(Parts {
@@ -391,7 +344,7 @@ impl VgpuPci {
             queues,
             event,
             heap,
-            uio,
+            irq,
             mem,
         })
     }
@@ -435,8 +388,8 @@ impl VgpuPci {
             w.last_health = Instant::now();
             self.virtio.check_health()?;
         }
-        match &self.uio {
-            Some(uio) => uio.wait(w.sleep, || self.virtio.ack_interrupt()),
+        match &self.irq {
+            Some(irq) => irq::wait(irq.as_ref(), w.sleep, || self.virtio.ack_interrupt()),
             None => std::thread::sleep(w.sleep),
         }
         w.sleep = (w.sleep * 2).min(MAX_SLEEP);

@@ -2,8 +2,9 @@
 //!
 //! In a VM the VMM is the vhost-user frontend of the host backend, and the
 //! device appears as PCI function 1af4:1080 (virtio type 64, which Linux's
-//! `virtio_pci` leaves alone). This daemon binds it to `uio_pci_generic`
-//! ([`pci`]), initialises it as a modern virtio-pci device ([`virtio`]),
+//! `virtio_pci` leaves alone). This daemon binds it to `vfio-pci` in
+//! no-IOMMU mode where the kernel has it ([`vfio`]), else to
+//! `uio_pci_generic` ([`pci`]), initialises it as a modern virtio-pci device ([`virtio`]),
 //! puts its rings and a DMA heap in huge pages with physical addresses from
 //! pagemap ([`dma`], [`heap`], [`device_queue`]), and re-serves it on a
 //! local vhost-user socket ([`relay`]) so the unchanged guest
@@ -16,12 +17,14 @@ pub mod device_queue;
 pub mod dma;
 pub mod forward;
 pub mod heap;
+pub mod irq;
 pub mod pci;
 pub mod relay;
 pub mod sg;
 pub mod stats;
 #[cfg(test)]
 mod testutil;
+pub mod vfio;
 pub mod virtio;
 
 use std::path::{Path, PathBuf};
@@ -32,9 +35,10 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::device_queue::{DeviceError, DeviceLink, DeviceOptions, VgpuPci};
-use crate::pci::{PciDevice, PciError, SYSFS_PCI, UIO_DRIVER};
+use crate::pci::{PciAccess, PciDevice, PciError, UioFunction, SYSFS_PCI, UIO_DRIVER};
 use crate::relay::{Relay, RelayError};
 use crate::stats::Stats;
+use crate::vfio::{VfioError, VfioFunction, DEV_VFIO, SYSFS, VFIO_DRIVER};
 
 /// Which userspace PCI driver to bind the device to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -62,7 +66,8 @@ pub struct Config {
     pub queue_size: u16,
     /// Free 2 MiB huge pages to keep in the pool for clients' memory.
     pub client_hugepages: u64,
-    /// Wake waiters with the device's interrupt (uio) besides polling.
+    /// Wake waiters with the device's interrupt (uio node or VFIO INTx)
+    /// besides polling.
     pub interrupts: bool,
     /// Where to write the stats line (default: the socket path with a
     /// `.stats` extension).
@@ -75,6 +80,9 @@ pub enum Error {
     /// PCI discovery or binding failed.
     #[error(transparent)]
     Pci(#[from] PciError),
+    /// VFIO no-IOMMU detection or binding failed.
+    #[error(transparent)]
+    Vfio(#[from] VfioError),
     /// The device could not be initialised.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -84,9 +92,6 @@ pub enum Error {
     /// The local socket could not be served.
     #[error(transparent)]
     Relay(#[from] RelayError),
-    /// The requested driver is not supported here.
-    #[error("{0}")]
-    Unsupported(String),
     /// Signal handlers could not be installed.
     #[error("Cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -117,8 +122,78 @@ fn install_signal_handlers() -> Result<(), Error> {
     Ok(())
 }
 
-fn vfio_noiommu_available() -> bool {
-    std::fs::read_to_string("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode").is_ok()
+/// The driver a run binds the device to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// `uio_pci_generic`.
+    Uio,
+    /// `vfio-pci` in no-IOMMU mode.
+    Vfio,
+}
+
+/// Picks the driver for `choice`. `noiommu` readies VFIO no-IOMMU mode (see
+/// [`vfio::prepare_noiommu`]) and is called for `auto` and `vfio` only:
+/// `auto` takes VFIO where it succeeds and uio otherwise, `vfio` fails
+/// with its error, `uio` never touches VFIO.
+pub fn select_driver(
+    choice: DriverChoice,
+    noiommu: impl FnOnce() -> Result<(), VfioError>,
+) -> Result<Driver, Error> {
+    match choice {
+        DriverChoice::Uio => Ok(Driver::Uio),
+        DriverChoice::Vfio => {
+            noiommu()?;
+            Ok(Driver::Vfio)
+        }
+        DriverChoice::Auto => match noiommu() {
+            Ok(()) => Ok(Driver::Vfio),
+            Err(e) => {
+                tracing::info!(reason = %e, "Using uio_pci_generic");
+                Ok(Driver::Uio)
+            }
+        },
+    }
+}
+
+/// Opens the function with `driver`; under `--driver auto`, a VFIO failure
+/// falls back to uio (which rebinds the function).
+pub fn open_with_fallback<T>(
+    choice: DriverChoice,
+    driver: Driver,
+    open_vfio: impl FnOnce() -> Result<T, VfioError>,
+    open_uio: impl FnOnce() -> Result<T, Error>,
+) -> Result<T, Error> {
+    match driver {
+        Driver::Uio => open_uio(),
+        Driver::Vfio => match open_vfio() {
+            Ok(f) => Ok(f),
+            Err(e) if choice == DriverChoice::Auto => {
+                tracing::warn!(error = %e, "VFIO no-IOMMU binding failed; falling back to uio_pci_generic");
+                open_uio()
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+fn open_uio(dev: PciDevice, sysfs: &Path) -> Result<Arc<dyn PciAccess>, Error> {
+    let bdf = dev.bdf.clone();
+    let uio = UioFunction::bind(dev, sysfs)?;
+    eprintln!("vgpu-guestd: bound {bdf} to {UIO_DRIVER}");
+    if uio.node().is_none() {
+        tracing::warn!("No /dev/uioN node for the device; polling without interrupts");
+    }
+    Ok(Arc::new(uio))
+}
+
+fn open_vfio(dev: &PciDevice, sysfs: &Path) -> Result<Arc<dyn PciAccess>, VfioError> {
+    let vfio = VfioFunction::open(dev, sysfs, Path::new(DEV_VFIO))?;
+    eprintln!(
+        "vgpu-guestd: bound {} to {VFIO_DRIVER} (no-IOMMU group {})",
+        dev.bdf,
+        vfio.group()
+    );
+    Ok(Arc::new(vfio))
 }
 
 fn find_device(sysfs: &Path, bdf: Option<&str>) -> Result<PciDevice, Error> {
@@ -158,30 +233,22 @@ pub fn run(cfg: &Config) -> Result<(), Error> {
     let sysfs = Path::new(SYSFS_PCI);
     let dev = find_device(sysfs, cfg.device.as_deref())?;
     eprintln!("vgpu-guestd: found vGPU at {}", dev.bdf);
-    match cfg.driver {
-        DriverChoice::Vfio => {
-            return Err(Error::Unsupported(
-                "VFIO no-IOMMU is not implemented in this version; use --driver uio".into(),
-            ))
-        }
-        DriverChoice::Auto if vfio_noiommu_available() => tracing::info!(
-            "VFIO no-IOMMU is available but not implemented in this version; using uio_pci_generic"
-        ),
-        DriverChoice::Auto | DriverChoice::Uio => {}
-    }
-    dev.bind(sysfs, UIO_DRIVER)?;
-    eprintln!("vgpu-guestd: bound {} to {UIO_DRIVER}", dev.bdf);
-    let uio = dev.uio_node();
-    if uio.is_none() {
-        tracing::warn!("No /dev/uioN node for the device; polling without interrupts");
-    }
+    let driver = select_driver(cfg.driver, || {
+        vfio::prepare_noiommu(Path::new(SYSFS), &mut vfio::modprobe)
+    })?;
+    let pci = open_with_fallback(
+        cfg.driver,
+        driver,
+        || open_vfio(&dev, sysfs),
+        || open_uio(dev.clone(), sysfs),
+    )?;
     reserve_hugepages(cfg)?;
     let opts = DeviceOptions {
         queue_size: cfg.queue_size,
         dma_bytes: cfg.dma_bytes,
         interrupts: cfg.interrupts,
     };
-    let device = Arc::new(VgpuPci::open(&dev, uio.as_deref(), &opts)?);
+    let device = Arc::new(VgpuPci::open(pci, &opts)?);
     let config = device.config();
     eprintln!(
         "vgpu-guestd: device ready: {} {} MiB ({}, {} DMA MiB)",
@@ -250,4 +317,67 @@ fn serve(cfg: &Config, device: Arc<VgpuPci>) -> Result<(), Error> {
     eprintln!("vgpu-guestd: stats {}", stats.snapshot().line());
     let _ = std::fs::remove_file(&cfg.socket);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn unavailable() -> VfioError {
+        VfioError::Unavailable(PathBuf::from("/sys/module/vfio/parameters/x"))
+    }
+
+    #[test]
+    fn auto_picks_vfio_where_noiommu_is_available() {
+        let driver = select_driver(DriverChoice::Auto, || Ok(())).unwrap();
+        assert_eq!(driver, Driver::Vfio);
+    }
+
+    #[test]
+    fn auto_picks_uio_where_noiommu_is_missing() {
+        let driver = select_driver(DriverChoice::Auto, || Err(unavailable())).unwrap();
+        assert_eq!(driver, Driver::Uio);
+    }
+
+    #[test]
+    fn forced_vfio_without_noiommu_fails_clearly() {
+        let err = select_driver(DriverChoice::Vfio, || Err(unavailable())).unwrap_err();
+        assert!(matches!(err, Error::Vfio(VfioError::Unavailable(_))));
+        let text = err.to_string();
+        assert!(text.contains("VFIO no-IOMMU is not available"), "{text}");
+        assert!(text.contains("--driver uio"), "{text}");
+        assert_eq!(
+            select_driver(DriverChoice::Vfio, || Ok(())).unwrap(),
+            Driver::Vfio
+        );
+    }
+
+    #[test]
+    fn forced_uio_never_probes_vfio() {
+        let probed = Cell::new(false);
+        let driver = select_driver(DriverChoice::Uio, || {
+            probed.set(true);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(driver, Driver::Uio);
+        assert!(!probed.get());
+    }
+
+    #[test]
+    fn failed_vfio_binding_falls_back_to_uio_only_under_auto() {
+        let vfio_fails = || Err::<&str, _>(unavailable());
+        let uio = || Ok::<_, Error>("uio");
+        let got = open_with_fallback(DriverChoice::Auto, Driver::Vfio, vfio_fails, uio).unwrap();
+        assert_eq!(got, "uio");
+        let err =
+            open_with_fallback(DriverChoice::Vfio, Driver::Vfio, vfio_fails, uio).unwrap_err();
+        assert!(matches!(err, Error::Vfio(_)));
+        let got = open_with_fallback(DriverChoice::Auto, Driver::Vfio, || Ok("vfio"), uio);
+        assert_eq!(got.unwrap(), "vfio");
+        let vfio_unused = || -> Result<&str, VfioError> { panic!("uio must not open VFIO") };
+        let got = open_with_fallback(DriverChoice::Uio, Driver::Uio, vfio_unused, uio);
+        assert_eq!(got.unwrap(), "uio");
+    }
 }

@@ -100,6 +100,9 @@ pub enum PciError {
         /// Why.
         reason: String,
     },
+    /// The function's interrupt could not be set up.
+    #[error("Cannot set up the device's interrupt: {0}")]
+    Interrupt(String),
     /// A register window lies outside its BAR.
     #[error("Register window at {offset:#x}+{len:#x} lies outside its {bar_len:#x}-byte BAR")]
     Window {
@@ -274,6 +277,64 @@ impl PciDevice {
 /// Most config space a sysfs `config` file shows (reads stop short at its
 /// real end).
 const SYSFS_CONFIG_MAX: usize = 4096;
+
+/// What the device code needs from a function bound to a userspace driver.
+pub trait PciAccess: Send + Sync {
+    /// The function's address, `dddd:bb:dd.f`.
+    fn bdf(&self) -> &str;
+    /// Its config space.
+    fn config(&self) -> Result<ConfigSpace, PciError>;
+    /// BAR `bar`, mapped shared and read-write.
+    fn map_bar(&self, bar: u8) -> Result<Arc<Bar>, PciError>;
+    /// The function's interrupt, set up and unmasked; `Ok(None)` where the
+    /// driver offers none (the caller then polls).
+    fn interrupts(&self) -> Result<Option<Box<dyn Interrupts>>, PciError>;
+}
+
+/// A function bound to `uio_pci_generic`: config space and BARs through
+/// sysfs, INTx through `/dev/uioN`.
+#[derive(Debug)]
+pub struct UioFunction {
+    dev: PciDevice,
+    node: Option<PathBuf>,
+}
+
+impl UioFunction {
+    /// Binds `dev` to `uio_pci_generic` (`sysfs` is the bus directory) and
+    /// finds its uio node.
+    pub fn bind(dev: PciDevice, sysfs: &Path) -> Result<UioFunction, PciError> {
+        dev.bind(sysfs, UIO_DRIVER)?;
+        let node = dev.uio_node();
+        Ok(UioFunction { dev, node })
+    }
+
+    /// The `/dev/uioN` node, if the kernel made one.
+    pub fn node(&self) -> Option<&Path> {
+        self.node.as_deref()
+    }
+}
+
+impl PciAccess for UioFunction {
+    fn bdf(&self) -> &str {
+        &self.dev.bdf
+    }
+
+    fn config(&self) -> Result<ConfigSpace, PciError> {
+        self.dev.config()
+    }
+
+    fn map_bar(&self, bar: u8) -> Result<Arc<Bar>, PciError> {
+        self.dev.map_bar(bar)
+    }
+
+    fn interrupts(&self) -> Result<Option<Box<dyn Interrupts>>, PciError> {
+        let Some(node) = &self.node else {
+            return Ok(None);
+        };
+        let uio = Uio::open(node).map_err(io_err("open", node))?;
+        Ok(Some(Box::new(uio)))
+    }
+}
 
 /// A function's config space: `len` bytes at offset `base` of a file (the
 /// sysfs `config` file at 0, or the config region of a VFIO device fd).
