@@ -102,29 +102,38 @@ impl<L: DeviceLink + ?Sized> RelayDevice<L> {
         &self.client
     }
 
+    /// Handles every chain available on a queue. The rings and descriptor
+    /// table are read through the memory table loaded when the pass starts
+    /// (they lie in memory the client set up before the queue), but what a
+    /// chain names (its buffers, the sg entries of a copy) is looked up in the
+    /// table loaded after the chain was popped: a client may add a region
+    /// (ADD_MEM_REG, acknowledged before it goes on) and post a chain naming
+    /// it while this pass is still running, and the pass picks that chain up.
     fn process_queue(&self, index: u16, vring: &Vring) -> io::Result<()> {
-        let guard = self.mem.memory();
-        let mem: &GuestMemoryMmap = &guard;
+        let ring_guard = self.mem.memory();
+        let ring: &GuestMemoryMmap = &ring_guard;
         let mut state = vring.get_mut();
         let mut scratch = lock(&self.scratch);
         let mut idle_rounds = 0;
         loop {
             let queue = state.get_queue_mut();
-            queue.disable_notification(mem).map_err(io::Error::other)?;
+            queue.disable_notification(ring).map_err(io::Error::other)?;
             let mut handled = 0;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(ring) {
                 let head = chain.head_index();
-                let used = self.process_chain(index, chain, mem, &mut scratch);
+                // Loaded after the chain was popped, so it holds every region
+                // the client had added before posting it.
+                let used = self.process_chain(index, chain, &self.mem.memory(), &mut scratch);
                 let queue = state.get_queue_mut();
-                queue.add_used(mem, head, used).map_err(io::Error::other)?;
-                if queue.needs_notification(mem).map_err(io::Error::other)? {
+                queue.add_used(ring, head, used).map_err(io::Error::other)?;
+                if queue.needs_notification(ring).map_err(io::Error::other)? {
                     state.signal_used_queue()?;
                 }
                 handled += 1;
             }
             if !state
                 .get_queue_mut()
-                .enable_notification(mem)
+                .enable_notification(ring)
                 .map_err(io::Error::other)?
             {
                 return Ok(());
@@ -242,7 +251,8 @@ impl<L: DeviceLink + ?Sized + 'static> VhostUserBackend for RelayDevice<L> {
     }
 
     fn update_memory(&self, _mem: ClientMemory) -> io::Result<()> {
-        // Requests read the current table from `self.mem` when they start.
+        // Each chain reads the current table from `self.mem` once it has been
+        // popped (see `process_queue`).
         Ok(())
     }
 

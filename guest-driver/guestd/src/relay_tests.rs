@@ -5,9 +5,11 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::testutil::FakeLink;
-use vgpu_spec::wire::{op, MemcpyHostReq, ReqHeader, SessionOpenReq, SessionOpenResp, SgEntry};
+use vgpu_spec::wire::{
+    op, MemcpyHostReq, ReqHeader, SessionOpenReq, SessionOpenResp, SgEntry, FLAG_ASYNC,
+};
 use vgpu_spec::{Request, CONTROL_QUEUE, SUBMISSION_QUEUE};
-use vgpu_transport::{Device, Options, PINNED_BASE_GPA};
+use vgpu_transport::{Device, Options, Staging, PINNED_BASE_GPA};
 use vm_memory::GuestMemoryRegion;
 use zerocopy::FromBytes;
 
@@ -105,6 +107,36 @@ fn copy(dev: &Device, session: u64, htod: bool, dptr: u64, gpa: u64, len: u64) -
         .unwrap()
 }
 
+/// Queues an asynchronous host-to-device copy without waiting for it.
+fn submit_htod(
+    dev: &Device,
+    session: u64,
+    dptr: u64,
+    (gpa, len): (u64, u64),
+    staging: Option<Staging>,
+) {
+    let seg = [SgEntry {
+        gpa: gpa.into(),
+        len: len.into(),
+    }];
+    let body = MemcpyHostReq {
+        device_ptr: dptr.into(),
+        stream: 0.into(),
+        total_len: len.into(),
+        nsegs: 1.into(),
+        _pad: 0.into(),
+    };
+    let mut h = header(session);
+    h.flags = FLAG_ASYNC.into();
+    dev.submit(
+        SUBMISSION_QUEUE,
+        h,
+        &Request::MemcpyHtoD(body, &seg),
+        staging,
+    )
+    .unwrap();
+}
+
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -164,6 +196,48 @@ fn staging_copies_are_bounced_and_pinned_copies_go_direct() {
     assert!(pinned.iter().all(|b| *b == 0x5a));
     let snap = s.stats.snapshot();
     assert_eq!((snap.zero_copy_bytes, snap.bounced_bytes), (16_384, 10_000));
+    dev.free_pinned(p).unwrap();
+}
+
+#[test]
+fn copy_from_a_region_added_while_the_relay_is_busy_sees_the_region() {
+    let s = serve("added-mid-pass");
+    let dev = connect(&s);
+    let session = open_session(&dev);
+    // The relay's worker is held inside a copy...
+    s.link.gate.hold(0x100);
+    let mut st = dev.staging(64).unwrap();
+    st.as_mut_slice().fill(1);
+    let st_gpa = st.gpa();
+    submit_htod(&dev, session, 0x100, (st_gpa, 64), Some(st));
+    wait_until("the relay to be inside the first copy", || {
+        s.link.gate.holding()
+    });
+    // ...while the client adds a region and queues a copy from it, which the
+    // worker finds in the same pass once the first copy is done.
+    let p = dev.alloc_pinned(4096).unwrap();
+    let gpa = dev.translate(p, 4096).unwrap();
+    // SAFETY: `p` is a 4 KiB pinned allocation of this test.
+    unsafe { std::ptr::write_bytes(p, 0x5a, 4096) };
+    submit_htod(&dev, session, 0x9000, (gpa, 4096), None);
+    dev.flush().unwrap();
+    s.link.gate.release();
+    let mut out = Vec::new();
+    let status = dev
+        .call(
+            SUBMISSION_QUEUE,
+            header(session),
+            &Request::CtxSynchronize,
+            &mut out,
+        )
+        .unwrap();
+    assert_eq!(status, Status::SUCCESS);
+    assert_eq!(dev.take_async_error(), None);
+    let fake = s.link.state.lock().unwrap();
+    assert!((0x100..0x100 + 64).all(|a| fake.memory.get(&a) == Some(&1)));
+    assert!((0x9000..0x9000 + 4096).all(|a| fake.memory.get(&a) == Some(&0x5a)));
+    drop(fake);
+    assert_eq!(s.stats.snapshot().zero_copy_bytes, 4096);
     dev.free_pinned(p).unwrap();
 }
 

@@ -4,7 +4,7 @@
 //! DMA heap is identity-mapped memory and `phys` is the identity).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use vgpu_spec::wire::{op, ReqHeader, SessionOpenResp};
 use vgpu_spec::{response, Request, Status, VgpuConfig};
@@ -35,10 +35,50 @@ pub struct FakeState {
     pub fail_at: Option<u64>,
 }
 
+/// Holds copies to one device pointer until released, so a test can act
+/// while the relay is in the middle of a request.
+#[derive(Default)]
+pub struct Gate {
+    /// (device pointer to hold, whether a copy is being held).
+    state: Mutex<(Option<u64>, bool)>,
+    changed: Condvar,
+}
+
+impl Gate {
+    /// Holds the next copies to `device_ptr`.
+    pub fn hold(&self, device_ptr: u64) {
+        *self.state.lock().unwrap() = (Some(device_ptr), false);
+    }
+
+    /// Whether a copy is being held now.
+    pub fn holding(&self) -> bool {
+        self.state.lock().unwrap().1
+    }
+
+    /// Lets held copies (and later ones) through.
+    pub fn release(&self) {
+        self.state.lock().unwrap().0 = None;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self, device_ptr: u64) {
+        let mut st = self.state.lock().unwrap();
+        if st.0 != Some(device_ptr) {
+            return;
+        }
+        st.1 = true;
+        while st.0 == Some(device_ptr) {
+            st = self.changed.wait(st).unwrap();
+        }
+        st.1 = false;
+    }
+}
+
 pub struct FakeLink {
     heap: Arc<Heap>,
     pub bounce_limit: usize,
     pub state: Mutex<FakeState>,
+    pub gate: Gate,
 }
 
 impl FakeLink {
@@ -51,6 +91,7 @@ impl FakeLink {
                 next_session: 100,
                 ..FakeState::default()
             }),
+            gate: Gate::default(),
         })
     }
 
@@ -64,6 +105,9 @@ impl FakeLink {
             Err(e) => return response::encode_status(e.status(), 0, out),
         };
         let id = header.request_id.get();
+        if let Request::MemcpyHtoD(body, _) | Request::MemcpyDtoH(body, _) = &req {
+            self.gate.pass(body.device_ptr.get());
+        }
         let mut s = self.state.lock().unwrap();
         s.opcodes.push(header.opcode.get());
         match req {
