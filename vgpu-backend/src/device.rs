@@ -90,8 +90,9 @@ impl VgpuDevice {
             let done = {
                 let mut work = lock(&self.work);
                 let Work { connection, worker } = &mut *work;
+                let latest = || self.mem.memory().into_inner();
                 worker
-                    .process(index, state.get_queue_mut(), &mem, connection)
+                    .process(index, state.get_queue_mut(), &mem, &latest, connection)
                     .map_err(io::Error::other)?
             };
             if done.notify {

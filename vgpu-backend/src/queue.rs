@@ -6,6 +6,8 @@
 //! cannot be read gets an error response (or, with nowhere to write one, a
 //! zero-length used entry).
 
+use std::sync::Arc;
+
 use thiserror::Error;
 use vgpu_spec::{response, Status, MAX_REQUEST_BYTES};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -64,12 +66,16 @@ impl QueueWorker {
     }
 
     /// Processes every available chain of `queue`, re-checking after
-    /// enabling notifications.
+    /// enabling notifications. `mem` serves the ring itself; each chain's
+    /// buffers and guest ranges are resolved against `latest()`, loaded after
+    /// the chain is popped, because a frontend may add a memory region
+    /// (`ADD_MEM_REG`, acknowledged before it uses it) while this pass runs.
     pub fn process(
         &mut self,
         queue_index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
+        latest: &dyn Fn() -> Arc<GuestMemoryMmap>,
         handler: &mut dyn RequestHandler,
     ) -> Result<Processed, QueueError> {
         let ring = |source| QueueError::Ring {
@@ -83,7 +89,8 @@ impl QueueWorker {
             let mut handled = 0usize;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
-                let len = self.process_chain(queue_index, chain, mem, handler);
+                let current = latest();
+                let len = self.process_chain(queue_index, chain, &current, handler);
                 queue.add_used(mem, head, len).map_err(ring)?;
                 handled += 1;
             }
@@ -151,6 +158,8 @@ impl QueueWorker {
         mem: &GuestMemoryMmap,
         handler: &mut dyn RequestHandler,
     ) -> u32 {
+        // The descriptors were read through the ring's table; their buffers
+        // are read through `mem`, the table current for this chain.
         self.request.clear();
         self.response.clear();
         self.writable.clear();

@@ -71,7 +71,13 @@ impl<'a> Rig<'a> {
 
     fn run(&mut self, queue: u16, conn: &mut Connection, worker: &mut QueueWorker) -> bool {
         worker
-            .process(queue, &mut self.queue, self.mem, conn)
+            .process(
+                queue,
+                &mut self.queue,
+                self.mem,
+                &|| std::sync::Arc::new(self.mem.clone()),
+                conn,
+            )
             .unwrap()
             .notify
     }
@@ -315,4 +321,36 @@ fn polling_after_work_sees_a_new_chain_and_gives_up_when_idle() {
         assert!(rig.run(CONTROL_QUEUE, conn, worker));
         assert_eq!(rig.next_used().1, DEVICE_INFO_BYTES);
     });
+}
+
+#[test]
+fn chain_buffers_in_a_region_added_during_the_pass_are_read_through_the_latest_table() {
+    // The frontend adds a region (ADD_MEM_REG is acknowledged first) and then
+    // posts a chain that uses it, while the worker still holds the table it
+    // loaded when the pass began: the chain must be served from the new one.
+    const EXTRA: u64 = 64 << 20;
+    let mem = guest_memory();
+    let region =
+        vm_memory::GuestRegionMmap::<()>::from_range(GuestAddress(EXTRA), 0x10000, None).unwrap();
+    let latest = std::sync::Arc::new(mem.insert_region(std::sync::Arc::new(region)).unwrap());
+    let mut rig = Rig::new(&mem);
+    let mut conn = Connection::new(shared(1 << 30, 1 << 20));
+    let mut worker = QueueWorker::new();
+    put(&latest, EXTRA, &device_info_request(9));
+    rig.add(&[D(EXTRA, 32, false), D(0x20000, 4096, true)]);
+    let done = worker
+        .process(
+            CONTROL_QUEUE,
+            &mut rig.queue,
+            &mem,
+            &|| std::sync::Arc::clone(&latest),
+            &mut conn,
+        )
+        .unwrap();
+    assert_eq!(done.handled, 1);
+    let (_, len) = rig.next_used();
+    assert_eq!(
+        len, DEVICE_INFO_BYTES,
+        "served from the region added mid-pass"
+    );
 }
