@@ -4,9 +4,8 @@ use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vgpu_spec::{CONFIG_WINDOW, EVENT_QUEUE, NUM_QUEUES};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -138,14 +137,11 @@ impl VhostUserBackend for VgpuDevice {
     }
 
     fn features(&self) -> u64 {
-        (1u64 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        vgpu_spec::VHOST_USER_FEATURES
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::from_bits_truncate(vgpu_spec::VHOST_USER_PROTOCOL_FEATURES)
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -229,6 +225,7 @@ mod tests {
     use super::*;
     use vgpu_spec::config::{CAP_ADD_MEM_REGION, CAP_EXECUTES_KERNELS, CAP_ZERO_COPY};
     use vgpu_spec::VgpuConfig;
+    use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
     use vm_memory::GuestAddress;
     use zerocopy::FromBytes;
 

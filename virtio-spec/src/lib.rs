@@ -39,6 +39,17 @@ pub const NUM_QUEUES: usize = 3;
 /// Largest queue size the device accepts.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 
+/// The virtio feature bits the device offers over vhost-user:
+/// `VIRTIO_F_VERSION_1` (bit 32) and `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30,
+/// vhost-user only, never shown to a guest). Nothing device-specific: the
+/// capabilities are in config space.
+pub const VHOST_USER_FEATURES: u64 = (1 << 32) | (1 << 30);
+/// The vhost-user protocol features the device offers: `MQ` (bit 0),
+/// `REPLY_ACK` (bit 3), `CONFIG` (bit 9) and `CONFIGURE_MEM_SLOTS` (bit 15);
+/// not `INFLIGHT_SHMFD`. Every implementation of the device (the backend,
+/// and `vgpu-guestd`'s relay in a VM) offers exactly these.
+pub const VHOST_USER_PROTOCOL_FEATURES: u64 = (1 << 0) | (1 << 3) | (1 << 9) | (1 << 15);
+
 /// Size of the device config space in bytes. QEMU's generic vhost-user
 /// device asserts on more than 256.
 pub const CONFIG_SPACE_SIZE: usize = 256;

@@ -18,12 +18,11 @@ use vgpu_spec::{
     response, Status, VgpuConfig, CONFIG_WINDOW, EVENT_QUEUE, MAX_QUEUE_SIZE, MAX_REQUEST_BYTES,
     NUM_QUEUES,
 };
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{
     Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
 };
-use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
@@ -227,14 +226,11 @@ impl<L: DeviceLink + ?Sized + 'static> VhostUserBackend for RelayDevice<L> {
     }
 
     fn features(&self) -> u64 {
-        (1u64 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        vgpu_spec::VHOST_USER_FEATURES
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::from_bits_truncate(vgpu_spec::VHOST_USER_PROTOCOL_FEATURES)
     }
 
     fn set_event_idx(&self, enabled: bool) {
