@@ -11,6 +11,7 @@ use vgpu_spec::request::header;
 use vgpu_spec::wire::{ReqHeader, RespHeader};
 use vgpu_spec::{Request, Response, Status};
 use vgpu_transport::ring::{RingLayout, Segment, SplitRing};
+use vgpu_transport::SharedMem;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -24,62 +25,39 @@ const QUEUE_SIZE: u16 = 64;
 /// Offset of the scratch area (after the three rings).
 const SCRATCH: usize = 1 << 20;
 
-/// The memfd that plays guest RAM.
+/// The memfd that plays guest RAM (the transport's own shared mapping).
 pub struct RawMemory {
-    fd: std::fs::File,
-    ptr: *mut u8,
-    len: usize,
+    shared: SharedMem,
 }
 
 impl RawMemory {
     fn new(len: usize) -> RawMemory {
-        // SAFETY: memfd_create with a valid NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"vgpu-raw".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create failed");
-        // SAFETY: fd is a fresh descriptor we own.
-        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        file.set_len(len as u64).expect("size memfd");
-        // SAFETY: mapping a file we own, shared, for its whole length.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap failed");
         RawMemory {
-            fd: file,
-            ptr: ptr.cast(),
-            len,
+            shared: SharedMem::new(c"vgpu-raw", len).expect("guest memory memfd"),
         }
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.shared.ptr()
     }
 
     /// Writes `bytes` at `offset` and returns its guest-physical address.
     pub fn write(&self, offset: usize, bytes: &[u8]) -> u64 {
-        assert!(offset + bytes.len() <= self.len);
+        assert!(offset + bytes.len() <= self.shared.len());
         // SAFETY: bounds checked above; the mapping lives as long as self.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr().add(offset), bytes.len())
+        };
         RAW_GPA + offset as u64
     }
 
     /// Reads `len` bytes at `offset`.
     pub fn read(&self, offset: usize, len: usize) -> Vec<u8> {
-        assert!(offset + len <= self.len);
+        assert!(offset + len <= self.shared.len());
         let mut out = vec![0u8; len];
         // SAFETY: bounds checked above; the mapping lives as long as self.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), out.as_mut_ptr(), len) };
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr().add(offset), out.as_mut_ptr(), len) };
         out
-    }
-}
-
-impl Drop for RawMemory {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
@@ -194,9 +172,9 @@ impl RawFrontend {
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: RAW_GPA,
             memory_size: MEM_BYTES as u64,
-            userspace_addr: mem.ptr as u64,
+            userspace_addr: mem.ptr() as u64,
             mmap_offset: 0,
-            mmap_handle: mem.fd.as_raw_fd(),
+            mmap_handle: mem.shared.fd(),
         };
         frontend.set_mem_table(&[region]).expect("SET_MEM_TABLE");
         for q in 0..vgpu_spec::NUM_QUEUES {
@@ -214,9 +192,10 @@ impl RawFrontend {
             // SAFETY: the ring area lies inside `mem` (below SCRATCH) and is
             // used by this ring only; `mem` outlives the rings (same struct,
             // dropped after them).
-            let ring =
-                unsafe { SplitRing::new(mem.ptr.add(offset), RAW_GPA + offset as u64, QUEUE_SIZE) }
-                    .expect("ring");
+            let ring = unsafe {
+                SplitRing::new(mem.ptr().add(offset), RAW_GPA + offset as u64, QUEUE_SIZE)
+            }
+            .expect("ring");
             assert!(offset + ring_bytes <= SCRATCH);
             let config = VringConfigData {
                 queue_max_size: QUEUE_SIZE,

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 pub use device::Device;
 pub use error::TransportError;
-pub use mem::{GUEST_BASE_GPA, PINNED_BASE_GPA};
+pub use mem::{SharedMem, GUEST_BASE_GPA, PINNED_BASE_GPA};
 pub use staging::Staging;
 
 /// Socket path used when `VGPU_SOCKET` is unset.

@@ -157,6 +157,11 @@ impl SharedMem {
         self.len
     }
 
+    /// True for a zero-length mapping.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The memfd, for SET_MEM_TABLE / ADD_MEM_REG.
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()

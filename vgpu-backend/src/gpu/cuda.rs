@@ -385,6 +385,8 @@ impl Gpu for CudaGpu {
         let context = CudaContext {
             ctx,
             id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
+            param_words: Vec::new(),
+            param_ptrs: Vec::new(),
         };
         // cuCtxCreate pushed the new context; pop it so the thread's current
         // context (and our cache of it) is what it was. On failure,
@@ -400,9 +402,15 @@ impl Gpu for CudaGpu {
 struct CudaContext {
     ctx: CUcontext,
     id: u64,
+    /// Launch scratch, reused so a launch allocates nothing: the aligned
+    /// parameter block and the kernelParams pointer array.
+    param_words: Vec<u64>,
+    param_ptrs: Vec<*mut c_void>,
 }
 
-// SAFETY: a CUDA context may be made current on, and used from, any thread.
+// SAFETY: a CUDA context may be made current on, and used from, any thread;
+// `param_ptrs` only ever points into `param_words` of the same struct and is
+// rebuilt before each use.
 unsafe impl Send for CudaContext {}
 
 impl Drop for CudaContext {
@@ -425,9 +433,9 @@ fn aligned_image(bytes: &[u8]) -> Vec<u64> {
     words
 }
 
-/// Copies a packed parameter block into aligned storage, after checking
-/// that every parameter lies inside it.
-fn aligned_params(params: &[u8], layout: &[ParamLayout]) -> GpuResult<Vec<u64>> {
+/// Copies a packed parameter block into aligned storage `words` (reused),
+/// after checking that every parameter lies inside it.
+fn aligned_params(words: &mut Vec<u64>, params: &[u8], layout: &[ParamLayout]) -> GpuResult<()> {
     let fits = layout.iter().all(|p| {
         (p.offset as usize)
             .checked_add(p.size as usize)
@@ -436,7 +444,10 @@ fn aligned_params(params: &[u8], layout: &[ParamLayout]) -> GpuResult<Vec<u64>> 
     if !fits {
         return Err(Status::INVALID_VALUE);
     }
-    Ok(aligned_image(params))
+    words.clear();
+    words.resize(params.len() / 8 + 1, 0);
+    words.as_mut_bytes()[..params.len()].copy_from_slice(params);
+    Ok(())
 }
 
 impl CudaContext {
@@ -689,20 +700,22 @@ impl GpuContext for CudaContext {
         layout: &[ParamLayout],
     ) -> GpuResult<()> {
         self.enter()?;
-        let mut storage = aligned_params(params, layout)?;
-        let base = storage.as_mut_bytes().as_mut_ptr();
-        let mut pointers: Vec<*mut c_void> = layout
-            .iter()
-            .map(|p| base.wrapping_add(p.offset as usize).cast())
-            .collect();
-        let kernel_params = if pointers.is_empty() {
+        aligned_params(&mut self.param_words, params, layout)?;
+        let base = self.param_words.as_mut_bytes().as_mut_ptr();
+        self.param_ptrs.clear();
+        self.param_ptrs.extend(
+            layout
+                .iter()
+                .map(|p| base.wrapping_add(p.offset as usize).cast::<c_void>()),
+        );
+        let kernel_params = if self.param_ptrs.is_empty() {
             ptr::null_mut()
         } else {
-            pointers.as_mut_ptr()
+            self.param_ptrs.as_mut_ptr()
         };
         let [gx, gy, gz] = config.grid;
         let [bx, by, bz] = config.block;
-        // SAFETY: every pointer points at a parameter inside `storage`
+        // SAFETY: every pointer points at a parameter inside `param_words`
         // (checked by aligned_params); the driver copies the values before
         // returning. The function and stream handles are live.
         check(unsafe {

@@ -54,10 +54,11 @@ fn params_outside_the_block_are_rejected() {
         ParamLayout { offset: 8, size: 4 },
     ];
     let params = [7u8; 12];
-    let storage = aligned_params(&params, &layout).unwrap();
+    let mut storage = Vec::new();
+    aligned_params(&mut storage, &params, &layout).unwrap();
     assert_eq!(&storage.as_bytes()[..12], &params);
     assert_eq!(
-        aligned_params(&params[..11], &layout),
+        aligned_params(&mut storage, &params[..11], &layout),
         Err(Status::INVALID_VALUE)
     );
     let overflow = [ParamLayout {
@@ -65,7 +66,7 @@ fn params_outside_the_block_are_rejected() {
         size: u32::MAX,
     }];
     assert_eq!(
-        aligned_params(&params, &overflow),
+        aligned_params(&mut storage, &params, &overflow),
         Err(Status::INVALID_VALUE)
     );
 }
