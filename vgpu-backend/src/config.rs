@@ -193,6 +193,23 @@ pub struct BackendConfig {
     /// Total memory of the emulated device; `None` means the memory limit if
     /// one is given, else [`DEFAULT_EMULATED_MEMORY`]. Ignored for CUDA.
     pub emulated_memory: Option<u64>,
+    /// The grant board and this backend's slot in it; `None`: dispatch is
+    /// never held back.
+    pub board: Option<BoardSlotConfig>,
+    /// The emulated device's GPU lock: a file that stands for one physical
+    /// GPU, `flock`ed while a timed kernel runs. Ignored for CUDA.
+    pub emulated_gpu_lock: Option<PathBuf>,
+    /// The bound on queued GPU work (with a board).
+    pub max_inflight: std::time::Duration,
+}
+
+/// Where a backend finds its grant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoardSlotConfig {
+    /// The board file (`$STATE_DIR/board`).
+    pub path: PathBuf,
+    /// The slot index.
+    pub slot: usize,
 }
 
 impl BackendConfig {
@@ -208,7 +225,31 @@ impl BackendConfig {
             max_sessions: DEFAULT_MAX_SESSIONS,
             poll_after_work: DEFAULT_POLL_AFTER_WORK,
             emulated_memory: None,
+            board: None,
+            emulated_gpu_lock: None,
+            max_inflight: crate::throttle::DEFAULT_MAX_INFLIGHT,
         }
+    }
+
+    /// Governs dispatch by slot `slot` of the grant board at `path`.
+    pub fn board(mut self, path: impl Into<PathBuf>, slot: usize) -> Self {
+        self.board = Some(BoardSlotConfig {
+            path: path.into(),
+            slot,
+        });
+        self
+    }
+
+    /// Sets the emulated device's GPU lock file.
+    pub fn emulated_gpu_lock(mut self, path: impl Into<PathBuf>) -> Self {
+        self.emulated_gpu_lock = Some(path.into());
+        self
+    }
+
+    /// Sets the bound on queued GPU work, in microseconds.
+    pub fn max_inflight_us(mut self, us: u64) -> Self {
+        self.max_inflight = std::time::Duration::from_micros(us);
+        self
     }
 
     /// Sets the slice name.

@@ -103,7 +103,8 @@ impl Connection {
                     r.pid.get(),
                     self.shared.gpu.clone(),
                     self.shared.slice.clone(),
-                );
+                )
+                .with_throttle(self.shared.throttle.clone());
                 self.sessions.insert(id, session);
                 tracing::debug!(session = id, pid = r.pid.get(), "Session opened");
                 Ok(Reply::Session(id))
@@ -121,6 +122,14 @@ impl Connection {
                 .get_mut(&header.session.get())
                 .ok_or(Status::INVALID_HANDLE)?
                 .execute(header, req, mem),
+        }
+    }
+
+    /// Marks the end of a queue batch in every context (in-flight
+    /// tracking; only with a grant board).
+    pub fn end_batch(&mut self) {
+        for session in self.sessions.values_mut() {
+            session.end_batch();
         }
     }
 

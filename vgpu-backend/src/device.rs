@@ -85,14 +85,22 @@ impl VgpuDevice {
     fn process_queue(&self, index: u16, vring: &Vring) -> io::Result<()> {
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
+        let throttle = &self.shared.throttle;
+        // The slot stays busy while a batch is processed (and after, while
+        // its work is in flight).
+        let _batch = throttle.batch();
         loop {
             let done = {
                 let mut work = lock(&self.work);
                 let Work { connection, worker } = &mut *work;
                 let latest = || self.mem.memory().into_inner();
-                worker
+                let done = worker
                     .process(index, state.get_queue_mut(), &mem, &latest, connection)
-                    .map_err(io::Error::other)?
+                    .map_err(io::Error::other)?;
+                if throttle.enabled() && done.handled > 0 {
+                    connection.end_batch();
+                }
+                done
             };
             if done.notify {
                 state.signal_used_queue()?;

@@ -35,7 +35,9 @@ pub mod shared;
 pub mod slice;
 #[cfg(test)]
 mod testutil;
+pub mod throttle;
 
 pub use config::{BackendConfig, ConfigError, DeviceSpec, SliceUuid};
 pub use server::{Backend, Error, RunningBackend, StopHandle};
 pub use slice::SliceMemory;
+pub use throttle::Throttle;

@@ -35,6 +35,19 @@ struct Cli {
     /// (0 disables polling: less CPU, slower back-to-back calls).
     #[arg(long, value_name = "US", default_value_t = 50)]
     poll_us: u64,
+    /// The grant board file shared with the scheduler (with --board-slot).
+    #[arg(long, value_name = "PATH", requires = "board_slot")]
+    board: Option<PathBuf>,
+    /// This backend's slot on the grant board (with --board).
+    #[arg(long, value_name = "N", requires = "board")]
+    board_slot: Option<usize>,
+    /// Emulated device only: a lock file standing for one physical GPU,
+    /// held while a timed kernel runs.
+    #[arg(long, value_name = "PATH")]
+    emulated_gpu_lock: Option<PathBuf>,
+    /// The bound on queued GPU work, in microseconds (with a board).
+    #[arg(long, value_name = "N", default_value_t = 2000)]
+    max_inflight_us: u64,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +64,11 @@ fn main() -> ExitCode {
     config.uuid = cli.uuid;
     config.max_queue_size = cli.max_queue_size;
     config.poll_after_work = std::time::Duration::from_micros(cli.poll_us);
+    if let (Some(path), Some(slot)) = (cli.board, cli.board_slot) {
+        config = config.board(path, slot);
+    }
+    config.emulated_gpu_lock = cli.emulated_gpu_lock;
+    config = config.max_inflight_us(cli.max_inflight_us);
     let result = Backend::new(config).and_then(Backend::serve);
     match result {
         Ok(()) => ExitCode::SUCCESS,

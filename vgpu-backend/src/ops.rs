@@ -36,6 +36,17 @@ impl Session {
                 self.check_context(current)?;
             }
         }
+        // GPU work waits here while the grant board holds the slice back.
+        if matches!(
+            req,
+            Request::Launch(..)
+                | Request::MemcpyHtoD(..)
+                | Request::MemcpyDtoH(..)
+                | Request::MemcpyDtoD(..)
+                | Request::Memset(..)
+        ) {
+            self.throttle.gate();
+        }
         match req {
             Request::GetDeviceInfo | Request::SessionOpen(_) | Request::SessionClose => {
                 Err(Status::INVALID_VALUE)
@@ -208,7 +219,14 @@ impl Session {
         });
         bufs.clear();
         self.bufs = bufs;
-        result.map(|()| Reply::Empty)
+        result?;
+        let bytes = r.total_len.get();
+        if to_device {
+            self.throttle.add_copied(bytes, 0);
+        } else {
+            self.throttle.add_copied(0, bytes);
+        }
+        Ok(Reply::Empty)
     }
 
     fn memcpy_dtod(&mut self, r: &MemcpyDtoDReq, flags: u32) -> OpResult {
@@ -321,6 +339,7 @@ impl Session {
             .get_mut(&f.context)
             .ok_or(Status::INVALID_CONTEXT)?;
         ctx.launch(f.raw, config, stream, params, &f.layout)?;
+        self.throttle.add_launches(1);
         Ok(Reply::Empty)
     }
 

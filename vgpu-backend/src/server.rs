@@ -15,10 +15,13 @@ use vm_memory::GuestMemoryAtomic;
 
 use crate::config::{BackendConfig, DeviceSpec, SliceUuid, DEFAULT_EMULATED_MEMORY};
 use crate::device::VgpuDevice;
+use crate::gpu::emulated::EmulatedGpu;
+use crate::gpu::timed::EmulatedClock;
 use crate::gpu::Gpu;
 use crate::guest::GuestMemoryMmap;
 use crate::shared::DeviceShared;
 use crate::slice::SliceMemory;
+use crate::throttle::{Monitor, Throttle};
 
 /// Why a backend could not start or stopped serving.
 #[derive(Debug, Error)]
@@ -61,6 +64,20 @@ pub enum Error {
     /// The vhost-user daemon failed.
     #[error("vhost-user daemon failed: {0}")]
     Daemon(String),
+    /// The grant board could not be opened.
+    #[error("Cannot use the grant board: {0}")]
+    Board(#[from] vgpu_board::BoardError),
+    /// The emulated GPU lock file could not be opened.
+    #[error("Cannot open the emulated GPU lock {path}: {source}")]
+    GpuLock {
+        /// The lock file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The board monitor thread could not be started.
+    #[error("Cannot start the board monitor thread: {0}")]
+    Monitor(std::io::Error),
 }
 
 /// Consecutive accept failures after which the backend gives up.
@@ -72,18 +89,42 @@ fn daemon_error(e: DaemonError) -> Error {
     Error::Daemon(e.to_string())
 }
 
-/// Opens the executor a device spec names.
-pub fn open_gpu(config: &BackendConfig) -> Result<Arc<dyn Gpu>, Error> {
+/// Opens the grant board slot the config names (a disabled throttle
+/// without one).
+pub fn open_throttle(config: &BackendConfig) -> Result<Arc<Throttle>, Error> {
+    match &config.board {
+        Some(b) => Ok(Arc::new(Throttle::open(
+            &b.path,
+            b.slot,
+            config.max_inflight,
+        )?)),
+        None => Ok(Throttle::disabled()),
+    }
+}
+
+/// Opens the executor a device spec names, reporting to `throttle`.
+pub fn open_gpu(config: &BackendConfig, throttle: &Arc<Throttle>) -> Result<Arc<dyn Gpu>, Error> {
     match config.device {
         DeviceSpec::Emulated => {
             let total = config
                 .emulated_memory
                 .or(config.memory_limit)
                 .unwrap_or(DEFAULT_EMULATED_MEMORY);
-            Ok(Arc::new(crate::gpu::emulated::EmulatedGpu::new(total)))
+            let clock = match &config.emulated_gpu_lock {
+                Some(path) => {
+                    EmulatedClock::with_lock_file(path, throttle.clone()).map_err(|source| {
+                        Error::GpuLock {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?
+                }
+                None => EmulatedClock::unlocked(throttle.clone()),
+            };
+            Ok(Arc::new(EmulatedGpu::with_clock(total, clock)))
         }
         DeviceSpec::Cuda(ordinal) => match crate::gpu::cuda::CudaGpu::open(ordinal) {
-            Ok(gpu) => Ok(Arc::new(gpu)),
+            Ok(gpu) => Ok(Arc::new(gpu.with_throttle(throttle.clone()))),
             Err(e) => Err(Error::OpenCuda {
                 ordinal,
                 message: e.to_string(),
@@ -161,18 +202,31 @@ pub struct Backend {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
     connections: Arc<Connections>,
+    monitor: Option<Monitor>,
 }
 
 impl Backend {
-    /// Opens the device the config names and binds the socket.
+    /// Opens the grant board (if any) and the device the config names, and
+    /// binds the socket.
     pub fn new(config: BackendConfig) -> Result<Backend, Error> {
-        let gpu = open_gpu(&config)?;
-        Self::with_gpu(config, gpu)
+        let throttle = open_throttle(&config)?;
+        let gpu = open_gpu(&config, &throttle)?;
+        Self::build(config, gpu, throttle)
     }
 
     /// Binds the socket, serving the given executor (`config.device` is
-    /// not looked at).
+    /// not looked at; the board, if any, gates dispatch but the executor
+    /// reports no GPU time to it).
     pub fn with_gpu(config: BackendConfig, gpu: Arc<dyn Gpu>) -> Result<Backend, Error> {
+        let throttle = open_throttle(&config)?;
+        Self::build(config, gpu, throttle)
+    }
+
+    fn build(
+        config: BackendConfig,
+        gpu: Arc<dyn Gpu>,
+        throttle: Arc<Throttle>,
+    ) -> Result<Backend, Error> {
         let total = gpu.identity().total_mem;
         let limit = config.memory_limit.unwrap_or(total);
         if limit == 0 || limit > total {
@@ -194,7 +248,9 @@ impl Backend {
             config.max_queue_size,
         );
         shared.poll_after_work = config.poll_after_work;
+        shared.throttle = throttle;
         let shared = Arc::new(shared);
+        let monitor = shared.throttle.spawn_monitor().map_err(Error::Monitor)?;
         if let Some(dir) = config.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| Error::SocketDir {
                 path: dir.to_owned(),
@@ -219,7 +275,14 @@ impl Backend {
             socket: config.socket,
             stop: Arc::new(AtomicBool::new(false)),
             connections: Arc::new(Connections::default()),
+            monitor,
         })
+    }
+
+    /// The grant board slot's local view: usage counters, preemption
+    /// latency.
+    pub fn throttle(&self) -> Arc<Throttle> {
+        self.shared.throttle.clone()
     }
 
     /// The socket path.
@@ -249,6 +312,7 @@ impl Backend {
     pub fn spawn(self) -> Result<RunningBackend, Error> {
         let stop = self.stop_handle();
         let slice = self.slice();
+        let throttle = self.throttle();
         let connections = self.connections.clone();
         let socket = self.socket.clone();
         let thread = thread::Builder::new()
@@ -258,6 +322,7 @@ impl Backend {
         Ok(RunningBackend {
             stop,
             slice,
+            throttle,
             connections,
             socket,
             thread: Some(thread),
@@ -268,7 +333,10 @@ impl Backend {
     /// On stop, every frontend is disconnected and everything freed.
     pub fn serve(mut self) -> Result<(), Error> {
         let result = self.accept_loop();
+        // Held connections stop waiting for a grant, so they can close.
+        self.shared.throttle.stop();
         self.connections.shutdown_all();
+        drop(self.monitor.take());
         if let Err(e) = &result {
             tracing::error!(error = %e, "Backend stopped on an error");
         } else {
@@ -357,6 +425,7 @@ fn finish_connection(daemon: VhostUserDaemon<Arc<VgpuDevice>>, device: &VgpuDevi
 pub struct RunningBackend {
     stop: StopHandle,
     slice: Arc<SliceMemory>,
+    throttle: Arc<Throttle>,
     connections: Arc<Connections>,
     socket: PathBuf,
     thread: Option<JoinHandle<Result<(), Error>>>,
@@ -371,6 +440,11 @@ impl RunningBackend {
     /// The slice's memory accounting.
     pub fn slice(&self) -> &SliceMemory {
         &self.slice
+    }
+
+    /// The grant board slot's local view (usage, preemption latency).
+    pub fn throttle(&self) -> &Throttle {
+        &self.throttle
     }
 
     /// Number of frontends connected right now.

@@ -393,3 +393,79 @@ fn cuda_device_serves_a_frontend_end_to_end() {
     });
     running.stop().unwrap();
 }
+
+#[test]
+fn a_held_board_slot_holds_timed_launches_until_granted_and_counts_them() {
+    use crate::gpu::timed::{TIMED_SPIN_ENTRY, TIMED_SPIN_PTX};
+    use vgpu_board::{Board, Class, Grant};
+    let dir = tempfile::tempdir().unwrap();
+    let board_path = dir.path().join("board");
+    let board = Board::create(&board_path).unwrap();
+    board.slot(4).unwrap().assign(0, Class::BestEffort);
+    let path = socket_path("board");
+    let config = BackendConfig::new(&path, DeviceSpec::Emulated)
+        .board(&board_path, 4)
+        .emulated_gpu_lock(dir.path().join("gpu0.lock"))
+        .max_inflight_us(500);
+    let running = Backend::new(config).unwrap().spawn().unwrap();
+    assert!(running.throttle().enabled());
+    let slot = board.slot(4).unwrap();
+    assert_eq!(slot.snapshot().pid, std::process::id());
+
+    let mut f = TestFrontend::connect(&path, "board");
+    let (s, c) = f.session_with_context();
+    let image = TIMED_SPIN_PTX.as_bytes();
+    let module = f.handle(
+        s,
+        c,
+        Request::ModuleLoad(
+            ModuleLoadReq {
+                image_len: (image.len() as u64).into(),
+                kind: image::PTX.into(),
+                _pad: 0.into(),
+            },
+            image,
+        ),
+    );
+    let name = TIMED_SPIN_ENTRY.as_bytes();
+    let symbol = ModuleSymbolReq {
+        module: module.into(),
+        name_len: (name.len() as u32).into(),
+        _pad: 0.into(),
+    };
+    let function = f.handle(s, c, Request::GetFunction(symbol, name));
+    slot.set_grant(Grant {
+        run: false,
+        yield_to_lc: true,
+    });
+    let launcher = std::thread::spawn(move || {
+        let req = LaunchReq {
+            function: function.into(),
+            stream: 0.into(),
+            grid: [1.into(), 1.into(), 1.into()],
+            block: [1.into(), 1.into(), 1.into()],
+            shared_mem: 0.into(),
+            param_bytes: 8.into(),
+        };
+        let params = 2_000_000u64.to_le_bytes();
+        let (status, _) = f.call(s, c, Request::Launch(req, &params));
+        (status, f)
+    });
+    wait_for("the launch to be held", || slot.snapshot().waiting);
+    board.tick();
+    assert_eq!(slot.snapshot().launches, 0);
+    assert!(slot.snapshot().busy);
+    slot.set_grant(Grant {
+        run: true,
+        yield_to_lc: true,
+    });
+    let (status, f) = launcher.join().unwrap();
+    assert_eq!(status, Status::SUCCESS);
+    let snap = slot.snapshot();
+    assert_eq!(snap.launches, 1);
+    assert!(snap.busy_ns >= 2_000_000, "busy {} ns", snap.busy_ns);
+    assert!(snap.throttled_ns > 0);
+    wait_for("the slot to go idle", || !slot.snapshot().busy);
+    drop(f);
+    running.stop().unwrap();
+}

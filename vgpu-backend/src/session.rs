@@ -15,6 +15,7 @@ use vgpu_spec::Status;
 use crate::devmem::{DeviceMemory, RangeKind};
 use crate::gpu::{Gpu, GpuContext, HostBuf, ParamLayout, RawHandle, StreamRef};
 use crate::slice::SliceMemory;
+use crate::throttle::Throttle;
 
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
@@ -70,6 +71,8 @@ pub struct Session {
     pub(crate) memory: DeviceMemory,
     /// Reused host buffer list for copies.
     pub(crate) bufs: Vec<HostBuf>,
+    /// The grant board gate and usage counters.
+    pub(crate) throttle: Arc<Throttle>,
 }
 
 impl Session {
@@ -87,6 +90,20 @@ impl Session {
             events: HashMap::new(),
             memory: DeviceMemory::default(),
             bufs: Vec::new(),
+            throttle: Throttle::disabled(),
+        }
+    }
+
+    /// Gates dispatch on, and reports usage to, `throttle`.
+    pub fn with_throttle(mut self, throttle: Arc<Throttle>) -> Self {
+        self.throttle = throttle;
+        self
+    }
+
+    /// Marks the end of a queue batch in every context.
+    pub fn end_batch(&mut self) {
+        for ctx in self.contexts.values_mut() {
+            ctx.end_batch();
         }
     }
 

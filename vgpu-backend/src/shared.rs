@@ -11,6 +11,7 @@ use zerocopy::little_endian::I32;
 use crate::config::SliceUuid;
 use crate::gpu::Gpu;
 use crate::slice::SliceMemory;
+use crate::throttle::Throttle;
 
 /// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
 pub const ATTR_MULTIPROCESSOR_COUNT: usize = 16;
@@ -40,6 +41,8 @@ pub struct DeviceShared {
     /// How long a queue is busy-polled after a batch before its worker
     /// sleeps (zero: never).
     pub poll_after_work: std::time::Duration,
+    /// The grant board slot (a disabled throttle without one).
+    pub throttle: Arc<Throttle>,
 }
 
 impl DeviceShared {
@@ -80,6 +83,7 @@ impl DeviceShared {
             max_sessions,
             max_queue_size,
             poll_after_work: crate::config::DEFAULT_POLL_AFTER_WORK,
+            throttle: Throttle::disabled(),
         }
     }
 

@@ -23,16 +23,21 @@
 //! before the first driver call.
 
 use std::cell::Cell;
-use std::ffi::{c_int, c_void, CStr, CString};
+use std::ffi::{c_int, c_void, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use cudarc::driver::sys::{self as cu, CUcontext, CUdevice, CUresult};
 use thiserror::Error;
 use tracing::{debug, info, warn};
-use vgpu_spec::{Status, DEVICE_ATTRIBUTE_SLOTS, MAX_PARAMS};
+use vgpu_spec::{Status, MAX_PARAMS};
 use zerocopy::IntoBytes;
 
+use crate::throttle::Throttle;
+
+use super::cuda_identity::{log_library_path, read_identity};
+use super::inflight::SharedTracker;
 use super::ptx;
 use super::{
     DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, ParamLayout, RawHandle,
@@ -124,11 +129,11 @@ const HOST_MEMORY_ALREADY_REGISTERED: Status = Status(712);
 const HOST_MEMORY_NOT_REGISTERED: Status = Status(713);
 
 /// The status a driver call returned, as a `Result`.
-fn check(result: CUresult) -> GpuResult<()> {
+pub(super) fn check(result: CUresult) -> GpuResult<()> {
     Status(result as u32).into_result()
 }
 
-fn driver(call: &'static str, result: CUresult) -> Result<(), CudaError> {
+pub(super) fn driver(call: &'static str, result: CUresult) -> Result<(), CudaError> {
     check(result).map_err(|status| CudaError::Driver { call, status })
 }
 
@@ -140,7 +145,7 @@ thread_local! {
 }
 
 /// Makes `ctx` (whose process-unique id is `id`) current on this thread.
-fn make_current(id: u64, ctx: CUcontext) -> GpuResult<()> {
+pub(super) fn make_current(id: u64, ctx: CUcontext) -> GpuResult<()> {
     if CURRENT.with(Cell::get) == id {
         return Ok(());
     }
@@ -183,6 +188,7 @@ pub struct CudaGpu {
     device: CUdevice,
     primary: CUcontext,
     primary_id: u64,
+    throttle: Arc<Throttle>,
 }
 
 // SAFETY: CUDA contexts and devices may be used from any thread; the
@@ -241,7 +247,15 @@ impl CudaGpu {
             device,
             primary,
             primary_id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
+            throttle: Throttle::disabled(),
         })
+    }
+
+    /// Reports to `throttle`; with a board, contexts created from now on
+    /// track their in-flight work (bounded queue, busy time).
+    pub fn with_throttle(mut self, throttle: Arc<Throttle>) -> CudaGpu {
+        self.throttle = throttle;
+        self
     }
 }
 
@@ -253,96 +267,6 @@ impl Drop for CudaGpu {
             warn!(%status, "Releasing the primary context failed");
         }
     }
-}
-
-/// Logs which file the driver library was loaded from (our own guest
-/// `libcuda.so` on the library path would be a misconfiguration).
-fn log_library_path() {
-    // SAFETY: culib() was loaded by the caller; the symbol is only used as
-    // an address for dladdr, which fills info on success.
-    unsafe {
-        let Ok(symbol) = cu::culib().get::<unsafe extern "C" fn()>(b"cuInit") else {
-            return;
-        };
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(*symbol as *const c_void, &mut info) != 0 && !info.dli_fname.is_null() {
-            let path = CStr::from_ptr(info.dli_fname).to_string_lossy();
-            info!(%path, "Loaded the CUDA driver library");
-        }
-    }
-}
-
-type GetAttributeFn = unsafe extern "C" fn(*mut c_int, c_int, CUdevice) -> c_int;
-
-fn read_identity(device: CUdevice) -> Result<DeviceIdentity, CudaError> {
-    let mut name = [0 as std::ffi::c_char; 256];
-    // SAFETY: the buffer holds 256 bytes, as the length says.
-    driver("cuDeviceGetName", unsafe {
-        cu::cuDeviceGetName(name.as_mut_ptr(), 256, device)
-    })?;
-    let name_bytes: Vec<u8> = name
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8)
-        .collect();
-    let mut uuid = cu::CUuuid { bytes: [0; 16] };
-    // SAFETY: uuid is a valid out-pointer.
-    driver("cuDeviceGetUuid_v2", unsafe {
-        cu::cuDeviceGetUuid_v2(&mut uuid, device)
-    })?;
-    let mut total_mem = 0usize;
-    // SAFETY: total_mem is a valid out-pointer.
-    driver("cuDeviceTotalMem_v2", unsafe {
-        cu::cuDeviceTotalMem_v2(&mut total_mem, device)
-    })?;
-    let mut version: c_int = 0;
-    // SAFETY: version is a valid out-pointer.
-    driver("cuDriverGetVersion", unsafe {
-        cu::cuDriverGetVersion(&mut version)
-    })?;
-
-    // cudarc types the attribute as a Rust enum, which cannot hold ids the
-    // bindings do not name; call the driver's symbol with a plain int.
-    // SAFETY: the symbol exists (checked in open) and has this C signature.
-    let get_attribute: GetAttributeFn = unsafe {
-        *cu::culib()
-            .get::<GetAttributeFn>(b"cuDeviceGetAttribute")
-            .map_err(|_| CudaError::MissingSymbol {
-                name: "cuDeviceGetAttribute",
-            })?
-    };
-    let attributes: Vec<i32> = (0..DEVICE_ATTRIBUTE_SLOTS as c_int)
-        .map(|id| {
-            let mut value: c_int = 0;
-            // SAFETY: value is a valid out-pointer; unknown ids just fail.
-            let result = unsafe { get_attribute(&mut value, id, device) };
-            if id > 0 && result == 0 {
-                value
-            } else {
-                0
-            }
-        })
-        .collect();
-    let attr = |id: usize| attributes.get(id).copied().unwrap_or(0);
-    Ok(DeviceIdentity {
-        name: String::from_utf8_lossy(&name_bytes).into_owned(),
-        uuid: uuid.bytes.map(|b| b as u8),
-        total_mem: total_mem as u64,
-        pci: (
-            u32::try_from(attr(50)).unwrap_or(0),
-            u8::try_from(attr(33)).unwrap_or(0),
-            u8::try_from(attr(34)).unwrap_or(0),
-            0,
-        ),
-        compute_capability: (
-            u32::try_from(attr(75)).unwrap_or(0),
-            u32::try_from(attr(76)).unwrap_or(0),
-        ),
-        sm_count: u32::try_from(attr(16)).unwrap_or(0),
-        driver_version: u32::try_from(version).unwrap_or(0),
-        attributes,
-        executes_kernels: true,
-    })
 }
 
 impl Gpu for CudaGpu {
@@ -382,11 +306,14 @@ impl Gpu for CudaGpu {
         let mut ctx: CUcontext = ptr::null_mut();
         // SAFETY: ctx is a valid out-pointer; null params are allowed.
         check(unsafe { cu::cuCtxCreate_v4(&mut ctx, ptr::null_mut(), flags, self.device) })?;
+        let id = NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed);
         let context = CudaContext {
             ctx,
-            id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
+            id,
             param_words: Vec::new(),
             param_ptrs: Vec::new(),
+            inflight: (self.throttle.enabled())
+                .then(|| SharedTracker::register(ctx, id, &self.throttle)),
         };
         // cuCtxCreate pushed the new context; pop it so the thread's current
         // context (and our cache of it) is what it was. On failure,
@@ -406,6 +333,8 @@ struct CudaContext {
     /// parameter block and the kernelParams pointer array.
     param_words: Vec<u64>,
     param_ptrs: Vec<*mut c_void>,
+    /// In-flight tracking, only when a grant board governs dispatch.
+    inflight: Option<Arc<SharedTracker>>,
 }
 
 // SAFETY: a CUDA context may be made current on, and used from, any thread;
@@ -415,6 +344,9 @@ unsafe impl Send for CudaContext {}
 
 impl Drop for CudaContext {
     fn drop(&mut self) {
+        if let Some(t) = &self.inflight {
+            t.lock().shutdown();
+        }
         // SAFETY: the context is owned by self and destroyed only here;
         // this frees everything allocated in it.
         if let Err(status) = check(unsafe { cu::cuCtxDestroy_v2(self.ctx) }) {
@@ -453,6 +385,16 @@ fn aligned_params(words: &mut Vec<u64>, params: &[u8], layout: &[ParamLayout]) -
 impl CudaContext {
     fn enter(&self) -> GpuResult<()> {
         make_current(self.id, self.ctx)
+    }
+
+    /// Enters the context and accounts one unit of GPU work on `stream`
+    /// (which may first wait for older work, see [`super::inflight`]).
+    fn enter_work(&self, stream: StreamRef) -> GpuResult<()> {
+        self.enter()?;
+        if let Some(t) = &self.inflight {
+            t.lock().before_work(stream_ptr(stream));
+        }
+        Ok(())
     }
 
     /// Waits for `stream` when a queued operation must complete before
@@ -500,7 +442,7 @@ impl GpuContext for CudaContext {
         asynchronous: bool,
         snapshot: bool,
     ) -> GpuResult<()> {
-        self.enter()?;
+        self.enter_work(stream)?;
         let s = stream_ptr(stream);
         if asynchronous && snapshot {
             // The source is a bounce buffer the guest reuses once we answer:
@@ -553,7 +495,7 @@ impl GpuContext for CudaContext {
         stream: StreamRef,
         asynchronous: bool,
     ) -> GpuResult<()> {
-        self.enter()?;
+        self.enter_work(stream)?;
         let s = stream_ptr(stream);
         let queued = asynchronous || stream.is_some();
         let mut offset = 0usize;
@@ -584,7 +526,7 @@ impl GpuContext for CudaContext {
         stream: StreamRef,
         asynchronous: bool,
     ) -> GpuResult<()> {
-        self.enter()?;
+        self.enter_work(stream)?;
         let size = to_usize(size)?;
         if asynchronous || stream.is_some() {
             // SAFETY: device addresses are validated by the driver.
@@ -604,7 +546,7 @@ impl GpuContext for CudaContext {
         stream: StreamRef,
         asynchronous: bool,
     ) -> GpuResult<()> {
-        self.enter()?;
+        self.enter_work(stream)?;
         let n = to_usize(count)?;
         let s = stream_ptr(stream);
         let queued = asynchronous || stream.is_some();
@@ -699,7 +641,7 @@ impl GpuContext for CudaContext {
         params: &[u8],
         layout: &[ParamLayout],
     ) -> GpuResult<()> {
-        self.enter()?;
+        self.enter_work(stream)?;
         aligned_params(&mut self.param_words, params, layout)?;
         let base = self.param_words.as_mut_bytes().as_mut_ptr();
         self.param_ptrs.clear();
@@ -745,6 +687,9 @@ impl GpuContext for CudaContext {
 
     fn stream_destroy(&mut self, stream: RawHandle) -> GpuResult<()> {
         self.enter()?;
+        if let Some(t) = &self.inflight {
+            t.lock().forget_stream(from_handle(stream));
+        }
         // SAFETY: the session layer passes only live stream handles.
         check(unsafe { cu::cuStreamDestroy_v2(from_handle(stream)) })
     }
@@ -805,6 +750,14 @@ impl GpuContext for CudaContext {
         self.enter()?;
         // SAFETY: live event handle, not used again by the session layer.
         check(unsafe { cu::cuEventDestroy_v2(from_handle(event)) })
+    }
+
+    fn end_batch(&mut self) {
+        if let Some(t) = &self.inflight {
+            if self.enter().is_ok() {
+                t.lock().end_batch();
+            }
+        }
     }
 }
 

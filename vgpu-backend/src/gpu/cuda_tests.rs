@@ -301,3 +301,157 @@ fn real_gpu_agrees_with_the_parser_on_nvcc_images() {
         );
     }
 }
+
+/// The in-flight tracker on a real GPU: busy time as a union over streams,
+/// the bound on queued work, and the preemption latency.
+/// Runs only where a real GPU is present: `cargo test -- --ignored`.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn real_gpu_bounds_inflight_work_and_counts_busy_time_once() {
+    use crate::gpu::timed::{TIMED_SPIN_ENTRY, TIMED_SPIN_PTX};
+    use crate::throttle::Throttle;
+    use std::time::{Duration, Instant};
+    use vgpu_board::{Board, Class, Grant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("board");
+    let board = Board::create(&path).unwrap();
+    board.slot(0).unwrap().assign(0, Class::BestEffort);
+    let throttle = Arc::new(Throttle::open(&path, 0, Duration::from_micros(2000)).unwrap());
+    let _monitor = throttle.spawn_monitor().unwrap();
+    let gpu = CudaGpu::open(0).unwrap().with_throttle(throttle.clone());
+    let mut ctx = gpu.create_context(0).unwrap();
+    let module = ctx.module_load(TIMED_SPIN_PTX.as_bytes()).unwrap();
+    let (spin, layout) = ctx.get_function(module, TIMED_SPIN_ENTRY).unwrap();
+    let one = LaunchConfig {
+        grid: [1, 1, 1],
+        block: [1, 1, 1],
+        shared_mem: 0,
+    };
+    let launch = |ctx: &mut Box<dyn GpuContext>, stream: StreamRef, ns: u64| {
+        ctx.launch(spin, one, stream, &ns.to_le_bytes(), &layout)
+            .unwrap();
+    };
+    let busy = || throttle.usage().busy_ns;
+    let settle = |ctx: &mut Box<dyn GpuContext>| {
+        ctx.synchronize().unwrap();
+        ctx.end_batch();
+        assert_eq!(throttle.inflight(), 0);
+    };
+
+    // Warm up (module load, first launch).
+    launch(&mut ctx, None, 1000);
+    settle(&mut ctx);
+
+    // Two 2 ms spins on two streams at once: about 2 ms of GPU time, not 4.
+    let a = ctx.stream_create(1, 0).unwrap();
+    let b = ctx.stream_create(1, 0).unwrap();
+    let before = busy();
+    launch(&mut ctx, Some(a), 2_000_000);
+    launch(&mut ctx, Some(b), 2_000_000);
+    ctx.end_batch();
+    settle(&mut ctx);
+    let overlapped = busy() - before;
+    eprintln!("two overlapping 2 ms spins counted {overlapped} ns");
+    assert!((1_900_000..3_000_000).contains(&overlapped), "{overlapped}");
+
+    // Ten 1 ms spins in a row: about 10 ms.
+    let before = busy();
+    for _ in 0..10 {
+        launch(&mut ctx, Some(a), 1_000_000);
+    }
+    ctx.end_batch();
+    settle(&mut ctx);
+    let sequential = busy() - before;
+    eprintln!("ten 1 ms spins counted {sequential} ns");
+    assert!(
+        (9_500_000..11_500_000).contains(&sequential),
+        "{sequential}"
+    );
+
+    // Queued work is bounded: enqueueing 40 x 500 us spins with a 2 ms
+    // bound takes most of their 20 ms.
+    let start = Instant::now();
+    for _ in 0..40 {
+        launch(&mut ctx, Some(a), 500_000);
+        assert!(throttle.inflight() <= 8, "inflight {}", throttle.inflight());
+    }
+    let enqueue = start.elapsed();
+    eprintln!("enqueueing 40 x 500 us took {enqueue:?}");
+    assert!(enqueue >= Duration::from_millis(14), "{enqueue:?}");
+
+    // Withdrawing the grant: the in-flight work drains within about the
+    // bound, and the monitor measures it.
+    board.slot(0).unwrap().set_grant(Grant {
+        run: false,
+        yield_to_lc: true,
+    });
+    ctx.end_batch();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while throttle.preemption_ns().0 == 0 {
+        assert!(Instant::now() < deadline, "no preemption measured");
+        board.tick();
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let (last, max) = throttle.preemption_ns();
+    eprintln!(
+        "preemption latency {} us (max {} us)",
+        last / 1000,
+        max / 1000
+    );
+    assert!(last <= 4_000_000, "{last}");
+    assert_eq!(board.slot(0).unwrap().snapshot().preempt_last_ns, last);
+    settle(&mut ctx);
+}
+
+/// Launch overhead with and without a board (in-flight tracking on).
+/// Runs only where a real GPU is present: `cargo test -- --ignored`.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn real_gpu_launch_overhead_with_a_board_stays_small() {
+    use crate::gpu::timed::{TIMED_SPIN_ENTRY, TIMED_SPIN_PTX};
+    use crate::throttle::Throttle;
+    use std::time::{Duration, Instant};
+    use vgpu_board::{Board, Class};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("board");
+    let board = Board::create(&path).unwrap();
+    board.slot(0).unwrap().assign(0, Class::LatencyCritical);
+    let with_board = Arc::new(Throttle::open(&path, 0, Duration::from_micros(2000)).unwrap());
+    let _monitor = with_board.spawn_monitor().unwrap();
+    let mut per_launch = Vec::new();
+    for throttle in [Throttle::disabled(), with_board.clone()] {
+        let gpu = CudaGpu::open(0).unwrap().with_throttle(throttle.clone());
+        let mut ctx = gpu.create_context(0).unwrap();
+        let module = ctx.module_load(TIMED_SPIN_PTX.as_bytes()).unwrap();
+        let (spin, layout) = ctx.get_function(module, TIMED_SPIN_ENTRY).unwrap();
+        let one = LaunchConfig {
+            grid: [1, 1, 1],
+            block: [1, 1, 1],
+            shared_mem: 0,
+        };
+        let mut best = Duration::MAX;
+        for _round in 0..5 {
+            let _batch = throttle.batch();
+            let start = Instant::now();
+            for i in 0..2000 {
+                throttle.gate();
+                ctx.launch(spin, one, None, &0u64.to_le_bytes(), &layout)
+                    .unwrap();
+                if i % 64 == 63 {
+                    ctx.end_batch();
+                }
+            }
+            ctx.synchronize().unwrap();
+            ctx.end_batch();
+            best = best.min(start.elapsed());
+        }
+        per_launch.push(best.as_secs_f64() / 2000.0 * 1e6);
+    }
+    eprintln!(
+        "per launch: {:.2} us without a board, {:.2} us with one",
+        per_launch[0], per_launch[1]
+    );
+    assert!(per_launch[1] < per_launch[0] * 1.5 + 1.0, "{per_launch:?}");
+}

@@ -9,7 +9,9 @@
 //! driver would validate it (function handle, stream, launch geometry,
 //! shared memory, parameter block size) and then does nothing, so device
 //! memory a kernel would have written keeps its old contents. The device
-//! reports `executes_kernels: false` so clients and tests can tell.
+//! reports `executes_kernels: false` so clients and tests can tell. The one
+//! exception is the timed kernel `vgpu_timed_spin(u64 ns)`, which takes
+//! `ns` of emulated GPU time (see [`super::timed`]).
 //!
 //! Work runs immediately, in call order, which trivially keeps every
 //! stream's order; streams and events exist for handle validation and
@@ -26,6 +28,7 @@ use tracing::{debug, warn};
 use vgpu_spec::{Status, DEVICE_ATTRIBUTE_SLOTS};
 
 use super::ptx::{self, ImageKind};
+use super::timed::{self, EmulatedClock};
 use super::{
     DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, ParamLayout, RawHandle,
     StreamRef,
@@ -111,6 +114,7 @@ struct Shared {
     total: u64,
     used: AtomicU64,
     next_address: AtomicU64,
+    clock: EmulatedClock,
 }
 
 impl Shared {
@@ -145,8 +149,15 @@ impl Shared {
 }
 
 impl EmulatedGpu {
-    /// An emulated device with `total_mem` bytes of (host-backed) memory.
+    /// An emulated device with `total_mem` bytes of (host-backed) memory,
+    /// alone on its emulated GPU and reporting to no board.
     pub fn new(total_mem: u64) -> EmulatedGpu {
+        let throttle = crate::throttle::Throttle::disabled();
+        Self::with_clock(total_mem, EmulatedClock::unlocked(throttle))
+    }
+
+    /// An emulated device whose timed kernels run on `clock`.
+    pub fn with_clock(total_mem: u64, clock: EmulatedClock) -> EmulatedGpu {
         let mut attributes = vec![0i32; DEVICE_ATTRIBUTE_SLOTS as usize];
         for &(id, value) in ATTRIBUTES {
             if let Some(slot) = attributes.get_mut(id) {
@@ -170,6 +181,7 @@ impl EmulatedGpu {
                 total: total_mem,
                 used: AtomicU64::new(0),
                 next_address: AtomicU64::new(ADDRESS_BASE),
+                clock,
             }),
         }
     }
@@ -275,6 +287,8 @@ struct Module {
 
 struct Function {
     params: Vec<ParamLayout>,
+    /// The timed kernel ([`timed::TIMED_SPIN_ENTRY`]).
+    timed: bool,
 }
 
 struct Event {
@@ -610,6 +624,7 @@ impl GpuContext for EmulatedContext {
         self.functions.insert(
             handle,
             Function {
+                timed: timed::is_timed_spin(name, &params),
                 params: params.clone(),
             },
         );
@@ -647,6 +662,11 @@ impl GpuContext for EmulatedContext {
         check_launch_config(&config)?;
         if params.len() != expected as usize {
             return Err(Status::INVALID_VALUE);
+        }
+        if func.timed {
+            let ns = timed::spin_ns(params).ok_or(Status::INVALID_VALUE)?;
+            self.shared.clock.run(ns);
+            return Ok(());
         }
         debug!(
             function,

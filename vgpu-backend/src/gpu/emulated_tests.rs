@@ -403,3 +403,40 @@ fn context_flags_outside_the_guest_set_are_rejected() {
         Err(Status::INVALID_VALUE)
     ));
 }
+
+#[test]
+fn the_timed_kernel_takes_its_time_and_counts_it_as_busy() {
+    let throttle = crate::throttle::Throttle::disabled();
+    let gpu = EmulatedGpu::with_clock(1 << 20, EmulatedClock::unlocked(throttle.clone()));
+    let mut ctx = gpu.create_context(0).unwrap();
+    let module = ctx.module_load(timed::TIMED_SPIN_PTX.as_bytes()).unwrap();
+    let (f, layout) = ctx.get_function(module, timed::TIMED_SPIN_ENTRY).unwrap();
+    assert_eq!(layout, [ParamLayout { offset: 0, size: 8 }]);
+    let one = LaunchConfig {
+        grid: [1, 1, 1],
+        block: [1, 1, 1],
+        shared_mem: 0,
+    };
+    let start = Instant::now();
+    ctx.launch(f, one, None, &2_000_000u64.to_le_bytes(), &layout)
+        .unwrap();
+    assert!(start.elapsed() >= std::time::Duration::from_millis(2));
+    assert!(throttle.usage().busy_ns >= 2_000_000);
+    // A short parameter block is refused before anything runs.
+    assert_eq!(
+        ctx.launch(f, one, None, &[0u8; 4], &layout),
+        Err(Status::INVALID_VALUE)
+    );
+}
+
+#[test]
+fn ordinary_kernels_take_no_emulated_time() {
+    let throttle = crate::throttle::Throttle::disabled();
+    let gpu = EmulatedGpu::with_clock(1 << 20, EmulatedClock::unlocked(throttle.clone()));
+    let mut ctx = gpu.create_context(0).unwrap();
+    let module = ctx.module_load(PTX.as_bytes()).unwrap();
+    let (f, layout) = ctx.get_function(module, "noargs").unwrap();
+    ctx.launch(f, config([1, 1, 1]), None, &[], &layout)
+        .unwrap();
+    assert_eq!(throttle.usage().busy_ns, 0);
+}

@@ -9,8 +9,11 @@
 //! only their own opaque handles and [`HostBuf`]s that are known to be valid.
 
 pub mod cuda;
+mod cuda_identity;
 pub mod emulated;
+mod inflight;
 pub mod ptx;
+pub mod timed;
 
 use vgpu_spec::Status;
 
@@ -249,4 +252,9 @@ pub trait GpuContext: Send {
     fn event_elapsed(&mut self, start: RawHandle, end: RawHandle) -> GpuResult<f32>;
     /// Destroys an event.
     fn event_destroy(&mut self, event: RawHandle) -> GpuResult<()>;
+
+    /// The end of a queue batch: work dispatched since the last call is
+    /// marked so that its completion (and GPU time) can be tracked. Called
+    /// only when a grant board governs dispatch.
+    fn end_batch(&mut self) {}
 }
