@@ -13,6 +13,7 @@ pub mod artifacts;
 pub mod backend;
 pub mod client;
 pub mod raw;
+pub mod scheduler;
 pub mod tempdir;
 pub mod vm;
 
@@ -24,6 +25,7 @@ pub use backend::BackendProcess;
 pub use client::{
     client_command, describe_status, mem_info, parse_mem_info, run_client, Client, ClientOutput,
 };
+pub use scheduler::SchedulerProcess;
 pub use tempdir::{unique_suffix, TempDir};
 
 /// How long a backend may take to accept connections after it starts.

@@ -1,0 +1,119 @@
+//! The scheduler end to end on the emulated device: a real `vgpu-scheduler` starts one real
+//! `vgpu-backend` per slice, the backends share one emulated GPU (a lock file standing for the
+//! physical GPU) and one grant board, and real clients keep them saturated with timed
+//! synthetic kernels. GPU time must follow the slices' guarantees.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use vgpu_tests::{build_c_program, client_command, Client, SchedulerProcess};
+
+/// How long each client keeps its slice saturated.
+const RUN_SECONDS: f64 = 3.0;
+/// Each synthetic kernel's duration.
+const KERNEL_US: u64 = 1000;
+
+/// The tests measure how GPU time is shared, and the emulated GPU spins on a CPU core: two of
+/// them at once would measure the machine's cores, not the scheduler. One at a time.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn spin_ptx() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("ptx/vgpu_timed_spin.ptx")
+}
+
+/// Starts one saturating client per socket together and returns each one's share of the
+/// wall time spent in its kernels.
+fn saturate(sockets: &[PathBuf]) -> Vec<f64> {
+    let program = build_c_program("timed_spin_client");
+    let mut clients: Vec<Client> = sockets
+        .iter()
+        .map(|socket| {
+            let mut cmd = client_command(&program, socket);
+            cmd.arg(spin_ptx())
+                .arg(RUN_SECONDS.to_string())
+                .arg(KERNEL_US.to_string());
+            Client::spawn(cmd)
+        })
+        .collect();
+    for c in &mut clients {
+        c.wait_for_line("READY", Duration::from_secs(60));
+    }
+    for c in &mut clients {
+        c.send_line("go");
+    }
+    clients
+        .iter_mut()
+        .map(|c| {
+            let line = c.wait_for_line("KERNELS", Duration::from_secs(120));
+            let out = c.wait(Duration::from_secs(60));
+            out.assert_passed();
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let kernels: f64 = f[1].parse().unwrap();
+            let kernel_ns: f64 = f[3].parse().unwrap();
+            let elapsed_ns: f64 = f[5].parse().unwrap();
+            kernels * kernel_ns / elapsed_ns
+        })
+        .collect()
+}
+
+fn two_best_effort_slices(a: (&str, u32), b: (&str, u32)) -> String {
+    let slice = |(name, pct): (&str, u32)| {
+        format!(
+            "[[slice]]\nname = \"{name}\"\ntenant = \"t-{name}\"\nclass = \"best-effort\"\n\
+             compute_guarantee_pct = {pct}\nmemory_limit = \"1GiB\"\nattach = true\n\n"
+        )
+    };
+    format!(
+        "device = \"emulated\"\n\n[[gpu]]\nindex = 0\nmemory = \"8GiB\"\n\n{}{}",
+        slice(a),
+        slice(b)
+    )
+}
+
+#[test]
+fn two_saturating_best_effort_slices_get_their_guaranteed_shares() {
+    let _serial = one_at_a_time();
+    let sched = SchedulerProcess::spawn(&two_best_effort_slices(("big", 70), ("small", 30)));
+    let sockets = [sched.wait_for_slice("big"), sched.wait_for_slice("small")];
+    let shares = saturate(&sockets);
+    let (big, small) = (shares[0], shares[1]);
+    eprintln!("shares: big {big:.3} small {small:.3}");
+    // Together they keep the one emulated GPU busy (less the per-kernel cost of a debug build
+    // on a loaded machine)...
+    assert!(
+        big + small > 0.80,
+        "the GPU sat idle: big {big:.3} + small {small:.3}\n{}",
+        sched.log()
+    );
+    // ...and split it by their guarantees, within 5 points.
+    let total = big + small;
+    assert!(
+        (big / total - 0.70).abs() <= 0.05,
+        "big got {:.1}% of GPU time, guaranteed 70%\n{}",
+        100.0 * big / total,
+        sched.log()
+    );
+    assert!(
+        (small / total - 0.30).abs() <= 0.05,
+        "small got {:.1}% of GPU time, guaranteed 30%",
+        100.0 * small / total
+    );
+}
+
+#[test]
+fn a_slice_alone_borrows_the_whole_gpu() {
+    let _serial = one_at_a_time();
+    let sched = SchedulerProcess::spawn(&two_best_effort_slices(("busy", 30), ("idle", 70)));
+    let socket = sched.wait_for_slice("busy");
+    sched.wait_for_slice("idle");
+    let share = saturate(&[socket])[0];
+    assert!(
+        share > 0.80,
+        "a 30% slice alone on the GPU got only {:.1}% of it",
+        100.0 * share
+    );
+}
