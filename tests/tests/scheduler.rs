@@ -52,9 +52,9 @@ fn saturate(sockets: &[PathBuf]) -> Vec<f64> {
             let out = c.wait(Duration::from_secs(60));
             out.assert_passed();
             let f: Vec<&str> = line.split_whitespace().collect();
-            let kernels: f64 = f[1].parse().unwrap();
-            let kernel_ns: f64 = f[3].parse().unwrap();
-            let elapsed_ns: f64 = f[5].parse().unwrap();
+            let kernels: f64 = f[1].parse().expect("kernel count");
+            let kernel_ns: f64 = f[3].parse().expect("kernel ns");
+            let elapsed_ns: f64 = f[5].parse().expect("elapsed ns");
             kernels * kernel_ns / elapsed_ns
         })
         .collect()
@@ -64,9 +64,9 @@ fn saturate(sockets: &[PathBuf]) -> Vec<f64> {
 fn latency(line: &str) -> (f64, f64, f64) {
     let f: Vec<&str> = line.split_whitespace().collect();
     (
-        f[2].parse().unwrap(),
-        f[4].parse().unwrap(),
-        f[6].parse().unwrap(),
+        f[2].parse().expect("p50"),
+        f[4].parse().expect("p99"),
+        f[6].parse().expect("max"),
     )
 }
 
@@ -161,8 +161,8 @@ fn latency_critical_kernels_wait_for_at_most_one_best_effort_kernel() {
     lc.wait(Duration::from_secs(60)).assert_passed();
     let (p50, p99, max) = latency(&lc_line);
     let f: Vec<&str> = be_line.split_whitespace().collect();
-    let be_share = f[1].parse::<f64>().unwrap() * f[3].parse::<f64>().unwrap()
-        / f[5].parse::<f64>().unwrap();
+    let be_share = f[1].parse::<f64>().expect("kernel count") * f[3].parse::<f64>().expect("kernel ns")
+        / f[5].parse::<f64>().expect("elapsed ns");
     eprintln!("lc latency p50 {p50:.0} us p99 {p99:.0} us max {max:.0} us; be share {be_share:.3}");
     // A latency-critical kernel runs as soon as the best-effort kernel on the GPU ends: 200 us
     // of its own plus one 2 ms best-effort kernel, plus a debug build's scheduling noise on a
