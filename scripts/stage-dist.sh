@@ -31,13 +31,15 @@ done
 rm -rf "$DIST"
 mkdir -p "$DIST/bin" "$DIST/lib" "$DIST/tests"
 cp target/release/vgpu-backend "$DIST/bin/vgpu-backend"
+cp target/release/vgpu-scheduler "$DIST/bin/vgpu-scheduler"
+cp target/release/vgpuctl "$DIST/bin/vgpuctl"
 cp target/release/libcuda.so "$DIST/lib/libcuda.so.1"
 ln -s libcuda.so.1 "$DIST/lib/libcuda.so"
-chmod 755 "$DIST/bin/vgpu-backend" "$DIST/lib/libcuda.so.1"
+chmod 755 "$DIST/bin/vgpu-backend" "$DIST/bin/vgpu-scheduler" "$DIST/bin/vgpuctl" "$DIST/lib/libcuda.so.1"
 
 # Smaller binaries, same code: compress the debug sections; strip them if still too big.
 if command -v objcopy >/dev/null; then
-    for f in "$DIST/bin/vgpu-backend" "$DIST/lib/libcuda.so.1"; do
+    for f in "$DIST/bin/vgpu-backend" "$DIST/bin/vgpu-scheduler" "$DIST/bin/vgpuctl" "$DIST/lib/libcuda.so.1"; do
         objcopy --compress-debug-sections=zlib "$f" ||
             echo "stage-dist: warning: could not compress the debug sections of $f" >&2
     done
@@ -69,7 +71,7 @@ dist_mib() {
 size_mib=$(dist_mib)
 if [ "$size_mib" -gt "$DIST_MAX_MIB" ]; then
     echo "stage-dist: dist is $size_mib MiB, stripping debug info" >&2
-    strip --strip-debug "$DIST/bin/vgpu-backend" "$DIST/lib/libcuda.so.1" || true
+    strip --strip-debug "$DIST/bin/vgpu-backend" "$DIST/bin/vgpu-scheduler" "$DIST/bin/vgpuctl" "$DIST/lib/libcuda.so.1" || true
     size_mib=$(dist_mib)
     if [ "$size_mib" -gt "$DIST_MAX_MIB" ]; then
         echo "stage-dist: dist is still $size_mib MiB (over $DIST_MAX_MIB)" >&2

@@ -45,8 +45,9 @@ struct Cli {
     /// held while a timed kernel runs.
     #[arg(long, value_name = "PATH")]
     emulated_gpu_lock: Option<PathBuf>,
-    /// The bound on queued GPU work, in microseconds (with a board).
-    #[arg(long, value_name = "N", default_value_t = 2000)]
+    /// The bound on queued GPU work, in microseconds (with a board): a slice that loses its grant
+    /// hands the GPU over once this much work has drained.
+    #[arg(long, value_name = "N", default_value_t = 500, env = "VGPU_MAX_INFLIGHT_US")]
     max_inflight_us: u64,
 }
 

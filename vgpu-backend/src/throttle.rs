@@ -33,7 +33,7 @@ use std::time::Duration;
 use vgpu_board::{monotonic_ns, Board, BoardError, Class, Slot};
 
 /// The default bound on queued GPU work (`--max-inflight-us`).
-pub const DEFAULT_MAX_INFLIGHT: Duration = Duration::from_micros(2000);
+pub const DEFAULT_MAX_INFLIGHT: Duration = Duration::from_micros(500);
 
 /// How often the monitor stores a heartbeat.
 const HEARTBEAT_EVERY_NS: u64 = 10_000_000;
