@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Quick start: builds the release binaries, starts a vgpu-backend, and runs the
-# C driver-API sample client through it with our libcuda.so.1.
+# Quick start: builds the release binaries, starts the vgpu-scheduler with its embedded
+# defaults (one GPU, one best-effort slice "default" attached at start, which starts one
+# vgpu-backend), shows the slice with vgpuctl, runs the C driver-API sample client through
+# the slice with our libcuda.so.1, and shows the slice's utilization.
 #
-# Device: $VGPU_DEVICE if set (emulated | cuda:N), else cuda:0 when
-# `nvidia-smi -L` works, else emulated.
-# Env: VGPU_MEMORY_LIMIT (bytes, default 1 GiB), CC (default cc).
+# Device: $VGPU_DEVICE if set (emulated | cuda), else cuda when `nvidia-smi -L` works, else
+# emulated. Env: CC (default cc), VGPU_KEEP_RUNNING=1 to leave the scheduler running
+# (Ctrl-C stops it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo=$(pwd)
@@ -12,65 +14,74 @@ repo=$(pwd)
 step() { printf '\n==> %s\n' "$*"; }
 
 if [[ -n "${VGPU_DEVICE:-}" ]]; then
-    device=$VGPU_DEVICE
+    device=${VGPU_DEVICE%%:*}
 elif nvidia-smi -L >/dev/null 2>&1; then
-    device=cuda:0
+    device=cuda
 else
     device=emulated
 fi
-memory_limit=${VGPU_MEMORY_LIMIT:-$((1 << 30))}
+case $device in
+emulated | cuda) ;;
+*)
+    echo "VGPU_DEVICE must be emulated or cuda (got $device)" >&2
+    exit 2
+    ;;
+esac
 
-step "Building release binaries (vgpu-backend, libcuda.so)"
-cargo build --release -p vgpu-backend -p vgpu-cuda
-target=$repo/target/release
-for f in "$target/vgpu-backend" "$target/libcuda.so"; do
-    [[ -f $f ]] || { echo "missing $f after the build" >&2; exit 1; }
+step "Building release binaries (vgpu-scheduler, vgpu-backend, vgpuctl, libcuda.so)"
+cargo build --release -p vgpu-scheduler -p vgpu-backend -p vgpuctl -p vgpu-cuda
+target=${CARGO_TARGET_DIR:-$repo/target}/release
+for f in vgpu-scheduler vgpu-backend vgpuctl libcuda.so; do
+    [[ -f $target/$f ]] || { echo "missing $target/$f after the build" >&2; exit 1; }
 done
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/vgpu-quickstart.XXXXXX")
-backend_pid=
+state=$work/state
+sched_pid=
 cleanup() {
-    if [[ -n $backend_pid ]] && kill -0 "$backend_pid" 2>/dev/null; then
-        echo "==> Stopping vgpu-backend (pid $backend_pid)"
-        kill "$backend_pid" 2>/dev/null || true
-        wait "$backend_pid" 2>/dev/null || true
+    if [[ -n $sched_pid ]] && kill -0 "$sched_pid" 2>/dev/null; then
+        echo "==> Stopping vgpu-scheduler (pid $sched_pid) and its backends"
+        kill "$sched_pid" 2>/dev/null || true
+        wait "$sched_pid" 2>/dev/null || true
     fi
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
 
-# The client loads our library as libcuda.so.1; the backend must not (on a GPU
-# host it loads the real one), so only the client gets this directory.
+# The client loads our library as libcuda.so.1; the backends must not (on a GPU host they
+# load the real one), so only the client gets this directory.
 mkdir -p "$work/lib"
 ln -s "$target/libcuda.so" "$work/lib/libcuda.so.1"
 ln -s "$target/libcuda.so" "$work/lib/libcuda.so"
 
-socket=$work/vgpu.sock
-step "Starting vgpu-backend --device $device --memory-limit $memory_limit"
-NO_COLOR=1 "$target/vgpu-backend" --socket "$socket" --device "$device" \
-    --memory-limit "$memory_limit" >"$work/backend.log" 2>&1 &
-backend_pid=$!
+step "Starting vgpu-scheduler --state-dir $state --device $device (embedded defaults)"
+NO_COLOR=1 "$target/vgpu-scheduler" --state-dir "$state" --device "$device" \
+    --backend "$target/vgpu-backend" >"$work/scheduler.log" 2>&1 &
+sched_pid=$!
 
-printf 'Waiting for %s ' "$socket"
+socket=$state/slices/default.sock
+printf 'Waiting for the default slice at %s ' "$socket"
 for _ in $(seq 300); do
-    if ! kill -0 "$backend_pid" 2>/dev/null; then
+    if ! kill -0 "$sched_pid" 2>/dev/null; then
         echo
-        echo "vgpu-backend exited early; its log:" >&2
-        cat "$work/backend.log" >&2
+        echo "vgpu-scheduler exited early; its log:" >&2
+        cat "$work/scheduler.log" >&2
         exit 1
     fi
-    # Ready once the socket exists and the backend says it listens on it.
-    [[ -S $socket ]] && grep -q "listening on" "$work/backend.log" && break
+    [[ -S $socket ]] && break
     printf '.'
     sleep 0.1
 done
 echo
-if [[ ! -S $socket ]] || ! grep -q "listening on" "$work/backend.log"; then
-    echo "vgpu-backend was not listening on $socket within 30 s; its log:" >&2
-    cat "$work/backend.log" >&2
+if [[ ! -S $socket ]]; then
+    echo "The default slice's backend did not listen on $socket within 30 s; the log:" >&2
+    cat "$work/scheduler.log" >&2
     exit 1
 fi
-echo "vgpu-backend is listening (pid $backend_pid)"
+
+vgpuctl() { "$target/vgpuctl" --scheduler "$state/api.sock" "$@"; }
+step "vgpuctl list"
+vgpuctl list
 
 step "Compiling the C sample client (tests/c/driver_api_client.c)"
 "${CC:-cc}" -std=gnu11 -O1 -Wall -Wextra \
@@ -83,14 +94,22 @@ if [[ $device == emulated ]]; then
 else
     expect_execution=${VGPU_EXPECT_EXECUTION:-1}
 fi
-step "Running the client through $socket (kernels execute: $expect_execution)"
+step "Running the client through the default slice (kernels execute: $expect_execution)"
 status=0
 VGPU_SOCKET=$socket LD_LIBRARY_PATH=$work/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
     VGPU_EXPECT_EXECUTION=$expect_execution "$work/driver_api_client" || status=$?
 
 if [[ $status -ne 0 ]]; then
-    step "The client failed (exit $status); backend log:"
-    cat "$work/backend.log"
+    step "The client failed (exit $status); scheduler and backend log:"
+    cat "$work/scheduler.log"
     exit "$status"
 fi
+
+step "vgpuctl util"
+vgpuctl util
+
 step "Quick start passed on device $device"
+if [[ ${VGPU_KEEP_RUNNING:-0} == 1 ]]; then
+    echo "The scheduler keeps running: vgpuctl --scheduler $state/api.sock list  (Ctrl-C stops it)"
+    wait "$sched_pid"
+fi

@@ -1,6 +1,8 @@
 //! Errors of the ledger.
 
+#[cfg(feature = "store")]
 use std::io;
+#[cfg(feature = "store")]
 use std::path::PathBuf;
 
 use thiserror::Error;
@@ -48,6 +50,7 @@ pub enum ReportError {
 }
 
 /// Errors of [`crate::Ledger`].
+#[cfg(feature = "store")]
 #[derive(Debug, Error)]
 pub enum LedgerError {
     /// The state directory could not be created.

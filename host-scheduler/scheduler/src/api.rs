@@ -12,6 +12,8 @@
 //! | `POST /v1/slices/{name}/attach` | 200 `Slice` |
 //! | `POST /v1/slices/{name}/detach` | 200 `Slice` |
 //! | `GET /v1/util` | 200 `[Util]` |
+//! | `POST /v1/usage/reports`, `GET /v1/usage/last-seq`, `GET /v1/usage`, `GET /v1/usage/export` | see [`crate::usage`] |
+//! | `GET /metrics` | OpenMetrics text, see [`crate::metrics`] |
 //!
 //! Errors carry `{"error": "Sentence-case message."}`.
 use std::sync::Arc;
@@ -37,11 +39,21 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
         }
+    }
+
+    /// The message the answer carries.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
 }
 
@@ -74,10 +86,10 @@ impl From<ServiceError> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
 /// Parses a JSON body, answering 400 with the parser's explanation.
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -4,7 +4,9 @@
 //! them, starts and supervises one `vgpu-backend` per attached slice, and arbitrates compute
 //! between the backends through the shared-memory grant board (`vgpu-board`): every tick a pure
 //! policy ([`policy::SharePolicy`]) decides who may dispatch. A REST API on
-//! `$STATE_DIR/api.sock` (and optionally TCP) manages it all.
+//! `$STATE_DIR/api.sock` (and optionally TCP) manages it all. Backends report their usage to
+//! it ([`usage`]); it keeps the durable ledger `$STATE_DIR/ledger.sqlite3` (`vgpu-ledger`) and
+//! serves OpenMetrics at `/metrics` ([`metrics`]).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), vgpu_scheduler::SchedulerError> {
@@ -22,11 +24,14 @@ pub mod admission;
 pub mod api;
 pub mod arbiter;
 pub mod config;
+pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod service;
 pub mod slice;
 pub mod supervisor;
+pub mod timespec;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,6 +47,7 @@ use crate::config::{Config, ConfigError, DeviceKind};
 use crate::policy::{Policy, SharePolicy, SharePolicyConfig};
 use crate::registry::{Registry, RegistryError};
 use crate::service::{Core, Launcher};
+use crate::usage::{Metering, MeteringError};
 
 /// The default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vgpu";
@@ -61,6 +67,9 @@ pub enum SchedulerError {
     /// The grant board could not be created.
     #[error(transparent)]
     Board(#[from] BoardError),
+    /// The usage ledger could not be opened.
+    #[error(transparent)]
+    Metering(#[from] MeteringError),
     /// A file or socket operation failed.
     #[error("Cannot {what} {}: {source}", path.display())]
     Io {
@@ -159,6 +168,7 @@ impl SchedulerBuilder {
             Err(e) => return Err(io_err("remove", &api_socket)(e)),
         }
         let registry = Registry::open(&dir, &self.config)?;
+        let metering = Arc::new(Metering::open(&dir).await?);
         let board = Arc::new(Board::create(&dir.join("board"))?);
         let roster = Arc::new(Roster::default());
         let util = Arc::new(UtilTable::default());
@@ -194,22 +204,26 @@ impl SchedulerBuilder {
         .map_err(io_err("start the arbiter thread for", &dir))?;
 
         let (shutdown, _) = watch::channel(false);
+        let app = api::router(Arc::clone(&core))
+            .merge(usage::router(Arc::clone(&metering)))
+            .merge(metrics::router(Arc::clone(&core), Arc::clone(&metering)));
         let mut servers = Vec::new();
         let unix = tokio::net::UnixListener::bind(&api_socket)
             .map_err(io_err("listen on", &api_socket))?;
-        servers.push(serve(unix, &core, &shutdown));
+        servers.push(serve(unix, app.clone(), &shutdown));
         let mut tcp_addr = None;
         if let Some(addr) = self.listen_tcp {
             let tcp = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| SchedulerError::Listen { addr, source })?;
             tcp_addr = tcp.local_addr().ok();
-            servers.push(serve(tcp, &core, &shutdown));
+            servers.push(serve(tcp, app, &shutdown));
         }
         tracing::info!(socket = %api_socket.display(), tcp = ?tcp_addr, "API listening");
         core.attach_marked();
         Ok(Scheduler {
             core,
+            metering,
             arbiter: Some(arbiter),
             servers,
             shutdown,
@@ -219,12 +233,11 @@ impl SchedulerBuilder {
     }
 }
 
-fn serve<L>(listener: L, core: &Arc<Core>, shutdown: &watch::Sender<bool>) -> JoinHandle<()>
+fn serve<L>(listener: L, app: axum::Router, shutdown: &watch::Sender<bool>) -> JoinHandle<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    let app = api::router(Arc::clone(core));
     let mut rx = shutdown.subscribe();
     tokio::spawn(async move {
         let stopped = async move {
@@ -253,6 +266,7 @@ fn default_backend() -> PathBuf {
 #[derive(Debug)]
 pub struct Scheduler {
     core: Arc<Core>,
+    metering: Arc<Metering>,
     arbiter: Option<Arbiter>,
     servers: Vec<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
@@ -286,6 +300,11 @@ impl Scheduler {
     /// The operations behind the API.
     pub fn core(&self) -> &Arc<Core> {
         &self.core
+    }
+
+    /// The usage ledger and its per-slice summaries.
+    pub fn metering(&self) -> &Arc<Metering> {
+        &self.metering
     }
 
     /// Stops serving the API, stops every backend (SIGTERM, then SIGKILL) and the arbiter.

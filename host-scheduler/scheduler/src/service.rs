@@ -5,12 +5,12 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use vgpu_board::{Board, BoardError};
+use vgpu_board::{Board, BoardError, SlotSnapshot};
 
 use crate::arbiter::{Roster, RosterEntry, UtilTable};
 use crate::config::DeviceKind;
 use crate::registry::{Registry, RegistryError};
-use crate::slice::{Slice, SliceRequest, SliceSpec, SliceUpdate, Util};
+use crate::slice::{Slice, SliceClass, SliceRequest, SliceSpec, SliceUpdate, Util};
 use crate::supervisor::{Backend, LaunchSpec, SupervisorError};
 
 /// Errors of an operation.
@@ -330,10 +330,60 @@ impl Core {
     }
 }
 
+/// What `/metrics` reports of one slice, from the registry, the board and the supervisor.
+#[derive(Debug, Clone)]
+pub struct SliceMeter {
+    /// The slice.
+    pub name: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its GPU.
+    pub gpu: u32,
+    /// Its class.
+    pub class: SliceClass,
+    /// Its board slot's counters, while it holds one.
+    pub board: Option<SlotSnapshot>,
+    /// GPU busy time over wall time in the last second, 0 to 1.
+    pub busy_ratio: f64,
+    /// Backend restarts, all backends of the slice together.
+    pub restarts: u64,
+}
+
+impl Core {
+    /// Every slice, with its live figures.
+    pub fn meters(&self) -> Vec<SliceMeter> {
+        let reg = self.lock();
+        reg.entries()
+            .map(|e| {
+                let snap = e
+                    .slot
+                    .and_then(|s| self.board.slot(s).ok())
+                    .map(|s| s.snapshot())
+                    .filter(|s| s.generation != 0);
+                let busy_pct = match (e.slot, &snap) {
+                    (Some(slot), Some(s)) => self
+                        .util
+                        .get(slot, s.generation)
+                        .map_or(0.0, |u| u.busy_pct),
+                    _ => 0.0,
+                };
+                SliceMeter {
+                    name: e.spec.name.clone(),
+                    tenant: e.spec.tenant.clone(),
+                    gpu: e.spec.gpu,
+                    class: e.spec.class,
+                    board: snap,
+                    busy_ratio: busy_pct / 100.0,
+                    restarts: e.restarts_before + e.backend.as_ref().map_or(0, Backend::restarts),
+                }
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slice::SliceClass;
 
     fn spec(name: &str, gpu: u32) -> SliceSpec {
         SliceSpec {

@@ -172,15 +172,21 @@ pub struct ErrorBody {
 /// The path of slice `name` (names are `[a-z0-9-]`, so they need no escaping; anything else is
 /// percent-encoded so it reaches the scheduler, which refuses it by name).
 pub fn slice_path(name: &str) -> String {
-    let mut path = String::from("/v1/slices/");
-    for byte in name.bytes() {
+    format!("/v1/slices/{}", percent_encode(name))
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (for path segments and
+/// query values).
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            path.push(char::from(byte));
+            out.push(char::from(byte));
         } else {
-            path.push_str(&format!("%{byte:02X}"));
+            out.push_str(&format!("%{byte:02X}"));
         }
     }
-    path
+    out
 }
 
 #[cfg(test)]

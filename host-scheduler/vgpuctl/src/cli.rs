@@ -6,6 +6,7 @@ use vgpu_vmm::target::VmTarget;
 
 use crate::api::{slice_path, ApiRequest, SliceSpec, SliceUpdate, BEST_EFFORT, LATENCY_CRITICAL};
 use crate::size::parse_size;
+use crate::usage::{export_request, usage_request, UsageArgs, UsageCommand};
 
 /// Manages vGPU slices through the vgpu scheduler and attaches them to VMs.
 #[derive(Debug, Parser)]
@@ -150,6 +151,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prints tenants' usage from the ledger (CSV or JSON Lines); `usage export` exports it
+    /// incrementally for billing.
+    #[command(args_conflicts_with_subcommands = true)]
+    Usage {
+        /// `export`: the incremental export.
+        #[command(subcommand)]
+        export: Option<UsageCommand>,
+        #[command(flatten)]
+        args: UsageArgs,
+    },
 }
 
 /// The VM options of attach and detach.
@@ -224,6 +235,14 @@ impl Command {
                 ApiRequest::new("POST", format!("{}/detach", slice_path(name)))
             }
             Command::Util { .. } => ApiRequest::new("GET", "/v1/util"),
+            Command::Usage { export, args } => match export {
+                None => usage_request(args),
+                Some(UsageCommand::Export {
+                    since_cursor,
+                    limit,
+                    ..
+                }) => export_request(*since_cursor, *limit),
+            },
         }
     }
 }
@@ -394,6 +413,36 @@ mod tests {
                 .contains("cloud-hypervisor:/path/to/api.sock"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn usage_and_export_map_to_the_usage_endpoints() {
+        assert_eq!(
+            request(&[
+                "usage",
+                "--tenant",
+                "acme",
+                "--from",
+                "2025-01-01",
+                "--format",
+                "jsonl"
+            ]),
+            (
+                "GET",
+                "/v1/usage?format=json&tenant=acme&from=2025-01-01".to_owned(),
+                None
+            )
+        );
+        assert_eq!(
+            request(&["usage", "export", "--since-cursor", "7", "--limit", "100"]),
+            (
+                "GET",
+                "/v1/usage/export?since_cursor=7&limit=100&format=json".to_owned(),
+                None
+            )
+        );
+        assert!(parse(&["usage", "--format", "xml"]).is_err());
+        assert!(parse(&["usage", "--tenant", "t", "export"]).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`api`]: request bodies and answers of the REST API.
 //! - [`run`]: running a command, VM hotplug included (through `vgpu_vmm::attach`).
 //! - [`table`], [`size`]: tables and byte sizes.
+//! - [`usage`]: `vgpuctl usage` and `vgpuctl usage export`.
 
 pub mod api;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod client;
 pub mod run;
 pub mod size;
 pub mod table;
+pub mod usage;
 
 pub use cli::Cli;
 pub use run::{run, CtlError};

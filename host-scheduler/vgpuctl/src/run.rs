@@ -13,6 +13,7 @@ use crate::cli::{Cli, Command, VmArgs};
 use crate::client::{Client, ClientError, Endpoint};
 use crate::size::format_size;
 use crate::table::{number, slices_table, util_table};
+use crate::usage::{run_usage, UsageError};
 
 /// Errors of a vgpuctl command; printed as `vgpuctl: <message>`, exit status 1.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,15 @@ pub enum CtlError {
     /// Writing the output failed.
     #[error("Cannot write the output: {0}")]
     Output(#[from] io::Error),
+}
+
+impl From<UsageError> for CtlError {
+    fn from(e: UsageError) -> CtlError {
+        match e {
+            UsageError::Scheduler(e) => CtlError::Scheduler(e),
+            UsageError::Output(e) => CtlError::Output(e),
+        }
+    }
 }
 
 impl CtlError {
@@ -100,6 +110,9 @@ pub fn run(cli: Cli, env_scheduler: Option<&str>, out: &mut dyn Write) -> Result
             writeln!(out, "detached {name}")?;
         }
         Command::Util { watch, json } => util(&client, &command.request(), *watch, *json, out)?,
+        Command::Usage { export, args } => {
+            run_usage(&client, args, export.as_ref(), out, &mut io::stderr())?
+        }
     }
     Ok(())
 }

@@ -345,3 +345,70 @@ fn usage_errors_exit_2() {
         text(&out.stderr)
     );
 }
+
+const RECORD: &str = r#"{"rowid":6,"recorded_unix_ns":1700000000000000009,"backend":"lc-42-1",
+    "seq":3,"tenant":"acme","slice":"lc","session":2,"start_unix_ns":1700000000000000000,
+    "end_unix_ns":1700000001000000000,"gpu_ns":250000000,
+    "mem_resident_byte_ns":85899345920000000000,"mem_swapped_byte_ns":0,"htod_bytes":4096,
+    "dtoh_bytes":512,"kernels":17}"#;
+
+#[test]
+fn usage_prints_the_tenants_records_as_csv() {
+    let s = setup();
+    s.fake.route(
+        "GET",
+        "/v1/usage?format=json&tenant=acme&from=2023-11-14",
+        200,
+        &format!(r#"{{"records":[{RECORD}],"totals":{{"records":1}}}}"#),
+    );
+    let out = s.run(&["usage", "--tenant", "acme", "--from", "2023-11-14"]);
+    assert_ok(&out);
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "{}\n6,1700000000000000009,acme,lc,2,lc-42-1,3,1700000000000000000,\
+             1700000001000000000,250000000,0.250000000,85899345920000000000,80.000000000,\
+             0,0.000000000,4096,512,17\n",
+            vgpu_ledger::CSV_HEADER
+        )
+    );
+}
+
+#[test]
+fn usage_export_prints_records_and_the_next_cursor_on_stderr() {
+    let s = setup();
+    s.fake.route(
+        "GET",
+        "/v1/usage/export?since_cursor=5&limit=2&format=json",
+        200,
+        &format!(r#"{{"records":[{RECORD}],"next_cursor":6}}"#),
+    );
+    let out = s.run(&["usage", "export", "--since-cursor", "5", "--limit", "2"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "next-cursor: 6\n");
+    let line = text(&out.stdout);
+    assert_eq!(line.lines().count(), 1);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(
+        (v["rowid"].as_u64(), v["kernels"].as_u64()),
+        (Some(6), Some(17))
+    );
+    assert!(line.contains("\"mem_resident_byte_ns\":85899345920000000000"));
+}
+
+#[test]
+fn usage_errors_carry_the_scheduler_message() {
+    let s = setup();
+    s.fake.route(
+        "GET",
+        "/v1/usage?format=json&from=soon",
+        400,
+        r#"{"error":"from: \"soon\" is neither Unix nanoseconds nor an RFC 3339 date."}"#,
+    );
+    let out = s.run(&["usage", "--from", "soon"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "vgpuctl: from: \"soon\" is neither Unix nanoseconds nor an RFC 3339 date.\n"
+    );
+}
