@@ -10,6 +10,7 @@
 //! written to an arbitrary byte offset of guest memory.
 
 pub mod config;
+pub mod fatbin;
 pub mod request;
 pub mod response;
 pub mod status;

@@ -19,8 +19,10 @@ use std::ffi::{c_uint, c_void};
 use vgpu_spec::wire::{MemcpyDtoDReq, MemcpyHostReq, SgEntry, FLAG_ASYNC, FLAG_TRANSIENT_SOURCE};
 use vgpu_spec::{Request, Status};
 
+use crate::capture;
 use crate::ctx::session_ctx;
 use crate::errors::{guard, CuResult};
+use crate::graph::Op;
 use crate::state::Driver;
 use crate::stream::backend_stream;
 use crate::types::{CUdeviceptr, CUdeviceptrV1, CUresult, CUstream};
@@ -90,6 +92,9 @@ fn prepare(
     dev_ptr
         .checked_add(len as u64)
         .ok_or(Status::INVALID_VALUE)?;
+    if stream.is_none() {
+        capture::on_legacy_sync()?;
+    }
     Ok(Some((drv, ctx, handle)))
 }
 
@@ -101,7 +106,33 @@ unsafe fn htod(dst: u64, src: *const c_void, len: usize, stream: Option<CUstream
     let Some((drv, ctx, handle)) = prepare(dst, src.is_null(), len, stream)? else {
         return Ok(());
     };
-    let asynchronous = stream.is_some();
+    if let Some(stream) = stream {
+        let addr = src.expose_provenance();
+        if capture::record(stream, ctx, || Op::HtoD {
+            dst,
+            src: addr,
+            len,
+        })? {
+            return Ok(());
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { htod_on(drv, ctx, handle, dst, src, len, stream.is_some()) }
+}
+
+/// Host to device on backend stream `handle`, checks done.
+///
+/// # Safety
+/// `src` must be readable for `len` bytes.
+pub(crate) unsafe fn htod_on(
+    drv: &Driver,
+    ctx: u64,
+    handle: u64,
+    dst: u64,
+    src: *const c_void,
+    len: usize,
+    asynchronous: bool,
+) -> CuResult<()> {
     if let Some(gpa) = drv.translate(src.cast(), len) {
         let segs = sg(gpa, len);
         let req = Request::MemcpyHtoD(host_req(dst, handle, len), &segs);
@@ -143,10 +174,38 @@ unsafe fn dtoh(dst: *mut c_void, src: u64, len: usize, stream: Option<CUstream>)
     let Some((drv, ctx, handle)) = prepare(src, dst.is_null(), len, stream)? else {
         return Ok(());
     };
+    if let Some(stream) = stream {
+        let addr = dst.expose_provenance();
+        if capture::record(stream, ctx, || Op::DtoH {
+            dst: addr,
+            src,
+            len,
+        })? {
+            return Ok(());
+        }
+    }
+    // SAFETY: the caller's contract.
+    unsafe { dtoh_on(drv, ctx, handle, dst, src, len, stream.is_some()) }
+}
+
+/// Device to host on backend stream `handle`, checks done; asynchronous
+/// only into pinned memory.
+///
+/// # Safety
+/// `dst` must be writable for `len` bytes.
+pub(crate) unsafe fn dtoh_on(
+    drv: &Driver,
+    ctx: u64,
+    handle: u64,
+    dst: *mut c_void,
+    src: u64,
+    len: usize,
+    asynchronous: bool,
+) -> CuResult<()> {
     if let Some(gpa) = drv.translate(dst.cast_const().cast(), len) {
         let segs = sg(gpa, len);
         let req = Request::MemcpyDtoH(host_req(src, handle, len), &segs);
-        return if stream.is_some() {
+        return if asynchronous {
             drv.submit(ctx, FLAG_ASYNC, &req, None)
         } else {
             drv.call_settled(ctx, 0, &req, &mut Vec::new())
@@ -176,6 +235,12 @@ fn dtod(dst: u64, src: u64, len: usize, stream: Option<CUstream>) -> CuResult<()
     let Some((drv, ctx, handle)) = prepare(dst, src == 0, len, stream)? else {
         return Ok(());
     };
+    if let Some(stream) = stream {
+        let len = len as u64;
+        if capture::record(stream, ctx, || Op::DtoD { dst, src, len })? {
+            return Ok(());
+        }
+    }
     let req = Request::MemcpyDtoD(MemcpyDtoDReq {
         dst: dst.into(),
         src: src.into(),

@@ -139,6 +139,8 @@ fn create(drv: &Driver, flags: u32) -> CuResult<u64> {
 
 /// `CTX_DESTROY`, then forgets everything the context held.
 fn destroy(drv: &Driver, ctx: u64) -> CuResult<()> {
+    // Context-local storage destructors run while the context still exists.
+    crate::export_table::context_destroyed(ctx);
     let req = HandleReq { handle: ctx.into() };
     let result = drv.call(ctx, 0, &Request::CtxDestroy(req), &mut Vec::new());
     // The backend frees the context's objects with it; whatever it answered,
@@ -152,6 +154,8 @@ fn forget(drv: &Driver, ctx: u64) {
     lock(&drv.modules).forget_context(ctx);
     drv.streams.forget_context(ctx);
     drv.events.forget_context(ctx);
+    crate::ptds::forget_context(ctx);
+    crate::library::forget_context(ctx);
     unstack(ctx);
 }
 
@@ -240,6 +244,7 @@ pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CUresult {
 
 fn synchronize(ctx: u64) -> CuResult<()> {
     let drv = driver()?;
+    crate::capture::on_ctx_sync()?;
     drv.call_settled(ctx, 0, &Request::CtxSynchronize, &mut Vec::new())
 }
 

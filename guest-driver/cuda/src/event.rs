@@ -46,10 +46,13 @@ pub unsafe extern "C" fn cuEventCreate(ph_event: *mut CUevent, flags: c_uint) ->
 pub unsafe extern "C" fn cuEventRecord(event: CUevent, stream: CUstream) -> CUresult {
     guard(|| {
         let (drv, entry) = lookup(event)?;
-        let stream = backend_stream(drv, stream)?;
+        let handle = backend_stream(drv, stream)?;
+        if crate::capture::record_event(event, stream)? {
+            return Ok(());
+        }
         let req = EventRecordReq {
             event: entry.backend.into(),
-            stream: stream.into(),
+            stream: handle.into(),
         };
         drv.submit(entry.ctx, 0, &Request::EventRecord(req), None)
     })
@@ -60,6 +63,7 @@ pub unsafe extern "C" fn cuEventRecord(event: CUevent, stream: CUstream) -> CUre
 pub unsafe extern "C" fn cuEventSynchronize(event: CUevent) -> CUresult {
     guard(|| {
         let (drv, entry) = lookup(event)?;
+        crate::capture::on_event_sync(event)?;
         let req = HandleReq {
             handle: entry.backend.into(),
         };
@@ -77,6 +81,7 @@ pub unsafe extern "C" fn cuEventSynchronize(event: CUevent) -> CUresult {
 pub unsafe extern "C" fn cuEventQuery(event: CUevent) -> CUresult {
     guard(|| {
         let (drv, entry) = lookup(event)?;
+        crate::capture::on_event_sync(event)?;
         let req = HandleReq {
             handle: entry.backend.into(),
         };

@@ -11,6 +11,7 @@ use vgpu_spec::{Request, Status};
 
 use crate::ctx::session_ctx;
 use crate::errors::{guard, non_null, write_out, CuResult};
+use crate::graph::Op;
 use crate::module::FunctionInfo;
 use crate::state::{driver, lock};
 use crate::stream::backend_stream;
@@ -124,6 +125,54 @@ fn dims(x: c_uint, y: c_uint, z: c_uint) -> CuResult<[u32; 3]> {
     Ok([x, y, z])
 }
 
+/// Launches `f` on `h_stream`, or records the launch if the stream is
+/// capturing (the packed parameters are a copy either way).
+///
+/// # Safety
+/// As [`param_block`] for `kernel_params` / `extra`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn launch(
+    f: CUfunction,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared_mem_bytes: c_uint,
+    h_stream: CUstream,
+    kernel_params: *const *const c_void,
+    extra: *const *const c_void,
+) -> CuResult<()> {
+    let (drv, ctx) = session_ctx()?;
+    let f = crate::library::as_function(f)?;
+    let grid = dims(grid[0], grid[1], grid[2])?;
+    let block = dims(block[0], block[1], block[2])?;
+    let stream = backend_stream(drv, h_stream)?;
+    let (function, params) = {
+        let table = lock(&drv.modules);
+        let info = table.function(f).ok_or(Status::INVALID_HANDLE)?;
+        // SAFETY: the caller's contract.
+        let params = unsafe { param_block(info, kernel_params, extra) }?;
+        (info.handle, params)
+    };
+    let recorded = crate::capture::record(h_stream, ctx, || Op::Launch {
+        function,
+        grid,
+        block,
+        shared_mem: shared_mem_bytes,
+        params: params.clone(),
+    })?;
+    if recorded {
+        return Ok(());
+    }
+    let req = LaunchReq {
+        function: function.into(),
+        stream: stream.into(),
+        grid: grid.map(Into::into),
+        block: block.map(Into::into),
+        shared_mem: shared_mem_bytes.into(),
+        param_bytes: (params.len() as u32).into(),
+    };
+    drv.submit(ctx, 0, &Request::Launch(req, &params), None)
+}
+
 /// `cuLaunchKernel`.
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchKernel(
@@ -139,34 +188,18 @@ pub unsafe extern "C" fn cuLaunchKernel(
     kernel_params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) -> CUresult {
-    guard(|| {
-        let (drv, ctx) = session_ctx()?;
-        let grid = dims(grid_x, grid_y, grid_z)?;
-        let block = dims(block_x, block_y, block_z)?;
-        let stream = backend_stream(drv, h_stream)?;
-        let (function, params) = {
-            let table = lock(&drv.modules);
-            let info = table.function(f).ok_or(Status::INVALID_HANDLE)?;
-            // SAFETY: per the API, `kernel_params` / `extra` describe the
-            // function's parameters.
-            let params = unsafe {
-                param_block(
-                    info,
-                    kernel_params.cast_const().cast(),
-                    extra.cast_const().cast(),
-                )
-            }?;
-            (info.handle, params)
-        };
-        let req = LaunchReq {
-            function: function.into(),
-            stream: stream.into(),
-            grid: grid.map(Into::into),
-            block: block.map(Into::into),
-            shared_mem: shared_mem_bytes.into(),
-            param_bytes: (params.len() as u32).into(),
-        };
-        drv.submit(ctx, 0, &Request::Launch(req, &params), None)
+    // SAFETY: per the API, `kernel_params` / `extra` describe the function's
+    // parameters.
+    guard(|| unsafe {
+        launch(
+            f,
+            [grid_x, grid_y, grid_z],
+            [block_x, block_y, block_z],
+            shared_mem_bytes,
+            h_stream,
+            kernel_params.cast_const().cast(),
+            extra.cast_const().cast(),
+        )
     })
 }
 
@@ -180,6 +213,7 @@ pub unsafe extern "C" fn cuFuncGetAttribute(
     guard(|| {
         let drv = driver()?;
         non_null(pi)?;
+        let hfunc = crate::library::as_function(hfunc)?;
         if lock(&drv.modules).function(hfunc).is_none() {
             return Err(Status::INVALID_HANDLE);
         }

@@ -18,18 +18,30 @@
 // `# Safety` section on each of them would add nothing.
 #![allow(clippy::missing_safety_doc)]
 
+mod capture;
+mod capture_api;
 mod copy;
 mod ctx;
 mod device;
 mod errors;
 mod event;
+mod export_table;
+mod graph;
 mod handles;
 mod image;
+mod integrity;
 mod launch;
+mod launch_ex;
+mod library;
 mod logging;
 mod memory;
 mod module;
+mod priority;
 mod procaddr;
+mod procaddr_table;
+mod ptds;
+mod runtime;
+mod runtime_exports;
 mod state;
 mod stream;
 mod types;

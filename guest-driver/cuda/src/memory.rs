@@ -9,6 +9,7 @@ use vgpu_spec::{Request, Status};
 
 use crate::ctx::{live_contexts, session_ctx};
 use crate::errors::{guard, non_null, write_out, CuResult};
+use crate::graph::Op;
 use crate::state::{driver, parse};
 use crate::stream::backend_stream;
 use crate::types::{CUdeviceptr, CUdeviceptrV1, CUresult, CUstream};
@@ -51,6 +52,7 @@ fn mem_info() -> CuResult<(u64, u64)> {
 pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) -> CUresult {
     guard(|| {
         non_null(dptr)?;
+        crate::capture::on_unsafe_call()?;
         let addr = alloc(bytesize)?;
         // SAFETY: non-null, and per the API a writable `CUdeviceptr`.
         unsafe { write_out(dptr, addr) }
@@ -63,6 +65,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) 
 pub unsafe extern "C" fn cuMemAlloc(dptr: *mut CUdeviceptrV1, bytesize: c_uint) -> CUresult {
     guard(|| {
         non_null(dptr)?;
+        crate::capture::on_unsafe_call()?;
         let addr = alloc(bytesize as usize)?;
         let Ok(narrow) = CUdeviceptrV1::try_from(addr) else {
             // Best effort: the allocation cannot be returned through this ABI.
@@ -94,13 +97,19 @@ pub unsafe extern "C" fn cuMemAllocAsync(
 /// `cuMemFree_v2`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
-    guard(|| free(dptr))
+    guard(|| {
+        crate::capture::on_unsafe_call()?;
+        free(dptr)
+    })
 }
 
 /// `cuMemFree` (legacy 32-bit address).
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFree(dptr: CUdeviceptrV1) -> CUresult {
-    guard(|| free(dptr.into()))
+    guard(|| {
+        crate::capture::on_unsafe_call()?;
+        free(dptr.into())
+    })
 }
 
 /// `cuMemFreeAsync`: freed when the backend reaches the request (the backend
@@ -223,6 +232,20 @@ fn memset(
     }
     if count == 0 {
         return Ok(());
+    }
+    match stream {
+        Some(stream) => {
+            let op = || Op::Memset {
+                dst,
+                value,
+                elem_size,
+                count: count as u64,
+            };
+            if crate::capture::record(stream, ctx, op)? {
+                return Ok(());
+            }
+        }
+        None => crate::capture::on_legacy_sync()?,
     }
     let req = MemsetReq {
         dst: dst.into(),

@@ -191,6 +191,8 @@ unsafe fn load_data(module: *mut CUmodule, image: *const c_void) -> CuResult<()>
     session_ctx()?;
     non_null(module)?;
     non_null(image)?;
+    // SAFETY: per the API `image` is a module image or a fatbin wrapper.
+    let image = unsafe { crate::library::unwrap_fatbin_wrapper(image) }?;
     // SAFETY: per the API `image` points at a complete module image.
     let raw = unsafe { RawImage::new(image.cast()) };
     let sized = size_image(&raw).map_err(image_failed)?;

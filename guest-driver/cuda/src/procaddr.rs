@@ -1,89 +1,24 @@
-//! `cuGetProcAddress`: entry points by name. A name is first mapped to the
-//! ABI version the caller's CUDA version expects (`cuMemAlloc` asked for by
-//! a CUDA 3.2+ program is `cuMemAlloc_v2`, `cuCtxCreate` from 12.5 on is
-//! `cuCtxCreate_v4`), then looked up among this library's exports. The full
-//! table generated from the real driver is a later step; per-thread-stream
-//! flags resolve to the same functions for now.
+//! `cuGetProcAddress`: entry points by name. A (name, CUDA version, flags)
+//! request is first answered from the real driver's table
+//! ([`crate::procaddr_table`]: `cuMemAlloc` asked for by a CUDA 3.2+ program
+//! is `cuMemAlloc_v2`, `cuLaunchKernel` with the per-thread-stream flag is
+//! `cuLaunchKernel_ptsz`), then that exact symbol is looked up among this
+//! library's exports. A symbol the driver knows but this library does not
+//! export is reported as not found.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
 use vgpu_spec::Status;
 
 use crate::errors::{guard, non_null, write_out, CuResult};
-use crate::types::{CUresult, CU_GET_PROC_ADDRESS_SUCCESS, CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND};
+use crate::types::{CUresult, CU_GET_PROC_ADDRESS_SUCCESS};
 use crate::unsupported;
 
 #[allow(clippy::wildcard_imports)]
 use crate::{
-    copy::*, ctx::*, device::*, errors::*, event::*, launch::*, memory::*, module::*, stream::*,
+    capture_api::*, copy::*, ctx::*, device::*, errors::*, event::*, graph::*, launch::*,
+    launch_ex::*, memory::*, module::*, priority::*, stream::*,
 };
-
-/// Base names whose ABI changed, with the CUDA version each variant
-/// appeared in (ascending).
-const VERSIONED: &[(&str, &[(c_int, &str)])] = &[
-    (
-        "cuCtxCreate",
-        &[
-            (3020, "cuCtxCreate_v2"),
-            (11040, "cuCtxCreate_v3"),
-            (12050, "cuCtxCreate_v4"),
-        ],
-    ),
-    ("cuCtxDestroy", &[(4000, "cuCtxDestroy_v2")]),
-    ("cuCtxPushCurrent", &[(4000, "cuCtxPushCurrent_v2")]),
-    ("cuCtxPopCurrent", &[(4000, "cuCtxPopCurrent_v2")]),
-    ("cuCtxSynchronize", &[(13000, "cuCtxSynchronize_v2")]),
-    ("cuCtxGetDevice", &[(13000, "cuCtxGetDevice_v2")]),
-    ("cuDeviceTotalMem", &[(3020, "cuDeviceTotalMem_v2")]),
-    ("cuDeviceGetUuid", &[(11040, "cuDeviceGetUuid_v2")]),
-    (
-        "cuDevicePrimaryCtxRelease",
-        &[(11000, "cuDevicePrimaryCtxRelease_v2")],
-    ),
-    (
-        "cuDevicePrimaryCtxReset",
-        &[(11000, "cuDevicePrimaryCtxReset_v2")],
-    ),
-    (
-        "cuDevicePrimaryCtxSetFlags",
-        &[(11000, "cuDevicePrimaryCtxSetFlags_v2")],
-    ),
-    ("cuMemAlloc", &[(3020, "cuMemAlloc_v2")]),
-    ("cuMemFree", &[(3020, "cuMemFree_v2")]),
-    ("cuMemGetInfo", &[(3020, "cuMemGetInfo_v2")]),
-    ("cuMemAllocHost", &[(3020, "cuMemAllocHost_v2")]),
-    (
-        "cuMemHostGetDevicePointer",
-        &[(3020, "cuMemHostGetDevicePointer_v2")],
-    ),
-    ("cuMemHostRegister", &[(6050, "cuMemHostRegister_v2")]),
-    ("cuMemcpyHtoD", &[(3020, "cuMemcpyHtoD_v2")]),
-    ("cuMemcpyDtoH", &[(3020, "cuMemcpyDtoH_v2")]),
-    ("cuMemcpyDtoD", &[(3020, "cuMemcpyDtoD_v2")]),
-    ("cuMemcpyHtoDAsync", &[(3020, "cuMemcpyHtoDAsync_v2")]),
-    ("cuMemcpyDtoHAsync", &[(3020, "cuMemcpyDtoHAsync_v2")]),
-    ("cuMemcpyDtoDAsync", &[(3020, "cuMemcpyDtoDAsync_v2")]),
-    ("cuMemsetD8", &[(3020, "cuMemsetD8_v2")]),
-    ("cuMemsetD16", &[(3020, "cuMemsetD16_v2")]),
-    ("cuMemsetD32", &[(3020, "cuMemsetD32_v2")]),
-    ("cuModuleGetGlobal", &[(3020, "cuModuleGetGlobal_v2")]),
-    ("cuStreamDestroy", &[(4000, "cuStreamDestroy_v2")]),
-    ("cuEventDestroy", &[(4000, "cuEventDestroy_v2")]),
-    ("cuEventElapsedTime", &[(12080, "cuEventElapsedTime_v2")]),
-    ("cuGetProcAddress", &[(12000, "cuGetProcAddress_v2")]),
-];
-
-/// The symbol a request for `name` at CUDA version `version` means.
-pub(crate) fn versioned_name(name: &str, version: c_int) -> &str {
-    let Some((_, variants)) = VERSIONED.iter().find(|(base, _)| *base == name) else {
-        return name;
-    };
-    variants
-        .iter()
-        .rev()
-        .find(|(since, _)| *since <= version)
-        .map_or(name, |(_, symbol)| symbol)
-}
 
 macro_rules! exports {
     ($($name:ident),* $(,)?) => {
@@ -91,7 +26,8 @@ macro_rules! exports {
         pub(crate) fn exported(name: &str) -> Option<*mut c_void> {
             match name {
                 $(stringify!($name) => Some($name as *mut c_void),)*
-                _ => unsupported::lookup(name),
+                _ => crate::runtime_exports::lookup(name)
+                    .or_else(|| unsupported::lookup(name)),
             }
         }
     };
@@ -198,15 +134,53 @@ exports!(
     cuEventElapsedTime_v2,
     cuEventDestroy,
     cuEventDestroy_v2,
+    cuLaunchKernelEx,
+    cuLaunchKernelEx_ptsz,
+    cuCtxGetStreamPriorityRange,
+    cuStreamGetPriority,
+    cuStreamGetPriority_ptsz,
+    cuStreamBeginCapture,
+    cuStreamBeginCapture_ptsz,
+    cuStreamBeginCapture_v2,
+    cuStreamBeginCapture_v2_ptsz,
+    cuStreamEndCapture,
+    cuStreamEndCapture_ptsz,
+    cuStreamIsCapturing,
+    cuStreamIsCapturing_ptsz,
+    cuStreamGetCaptureInfo,
+    cuStreamGetCaptureInfo_ptsz,
+    cuStreamGetCaptureInfo_v2,
+    cuStreamGetCaptureInfo_v2_ptsz,
+    cuStreamGetCaptureInfo_v3,
+    cuStreamGetCaptureInfo_v3_ptsz,
+    cuThreadExchangeStreamCaptureMode,
+    cuGraphCreate,
+    cuGraphDestroy,
+    cuGraphGetNodes,
+    cuGraphInstantiate,
+    cuGraphInstantiate_v2,
+    cuGraphInstantiateWithFlags,
+    cuGraphInstantiateWithParams,
+    cuGraphInstantiateWithParams_ptsz,
+    cuGraphLaunch,
+    cuGraphLaunch_ptsz,
+    cuGraphExecDestroy,
+    cuGraphUpload,
+    cuGraphUpload_ptsz,
 );
 
-/// Resolves `name` at `version`: the versioned symbol if exported, else the
-/// exact name.
-pub(crate) fn resolve(name: &str, version: c_int) -> Option<*mut c_void> {
-    exported(versioned_name(name, version)).or_else(|| exported(name))
+/// Resolves `name` as the real driver does for `version` and `flags`: this
+/// library's export of the symbol the driver would return, or the symbol
+/// status to report.
+pub(crate) fn resolve(name: &str, version: c_int, flags: u64) -> Result<*mut c_void, c_int> {
+    crate::procaddr_table::resolve(name, version, flags, exported)
 }
 
-/// Shared body of both versions.
+/// Shared body of both versions. A symbol that cannot be resolved leaves
+/// NULL in `pfn` and its status in `status`; `cuGetProcAddress_v2` then
+/// returns `CUDA_SUCCESS`, as driver 580 does (the probed table records
+/// rc 0 for every such request), while `cuGetProcAddress`, which has no
+/// status to report, returns `CUDA_ERROR_NOT_FOUND`.
 ///
 /// # Safety
 /// `symbol` must be null or NUL-terminated; `pfn` and `status` null or
@@ -215,27 +189,32 @@ unsafe fn get_proc_address(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     version: c_int,
-    status: *mut c_int,
+    flags: u64,
+    status: Option<*mut c_int>,
 ) -> CuResult<()> {
     non_null(symbol)?;
     non_null(pfn)?;
     // SAFETY: non-null, and per the API a NUL-terminated name.
     let name = unsafe { CStr::from_ptr(symbol) }.to_str().unwrap_or("");
-    let found = resolve(name, version);
-    let code = if found.is_some() {
-        CU_GET_PROC_ADDRESS_SUCCESS
-    } else {
-        tracing::debug!(name, version, "cuGetProcAddress: not found");
-        CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND
+    let found = resolve(name, version, flags);
+    let code = match found {
+        Ok(_) => CU_GET_PROC_ADDRESS_SUCCESS,
+        Err(code) => {
+            tracing::debug!(name, version, flags, code, "cuGetProcAddress: not found");
+            code
+        }
     };
     // SAFETY: non-null, and per the API a writable function pointer slot.
     unsafe { write_out(pfn, found.unwrap_or(std::ptr::null_mut())) }?;
-    if !status.is_null() {
-        // SAFETY: non-null, and per the API a writable
-        // `CUdriverProcAddressQueryResult`.
-        unsafe { write_out(status, code) }?;
+    match status {
+        Some(status) if !status.is_null() => {
+            // SAFETY: non-null, and per the API a writable
+            // `CUdriverProcAddressQueryResult`.
+            unsafe { write_out(status, code) }
+        }
+        Some(_) => Ok(()),
+        None => found.map(|_| ()).map_err(|_| Status::NOT_FOUND),
     }
-    found.map(|_| ()).ok_or(Status::NOT_FOUND)
 }
 
 /// `cuGetProcAddress`. Works before `cuInit`.
@@ -244,10 +223,10 @@ pub unsafe extern "C" fn cuGetProcAddress(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     cuda_version: c_int,
-    _flags: u64,
+    flags: u64,
 ) -> CUresult {
     // SAFETY: forwards the caller's pointers under the same contract.
-    guard(|| unsafe { get_proc_address(symbol, pfn, cuda_version, std::ptr::null_mut()) })
+    guard(|| unsafe { get_proc_address(symbol, pfn, cuda_version, flags, None) })
 }
 
 /// `cuGetProcAddress_v2`. Works before `cuInit`.
@@ -256,60 +235,94 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
     symbol: *const c_char,
     pfn: *mut *mut c_void,
     cuda_version: c_int,
-    _flags: u64,
+    flags: u64,
     symbol_status: *mut c_int,
 ) -> CUresult {
     // SAFETY: forwards the caller's pointers under the same contract.
-    guard(|| unsafe { get_proc_address(symbol, pfn, cuda_version, symbol_status) })
+    guard(|| unsafe { get_proc_address(symbol, pfn, cuda_version, flags, Some(symbol_status)) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versioned_names_follow_the_callers_cuda_version() {
-        assert_eq!(versioned_name("cuMemAlloc", 2000), "cuMemAlloc");
-        assert_eq!(versioned_name("cuMemAlloc", 3020), "cuMemAlloc_v2");
-        assert_eq!(versioned_name("cuMemAlloc", 13000), "cuMemAlloc_v2");
-        assert_eq!(versioned_name("cuCtxCreate", 11040), "cuCtxCreate_v3");
-        assert_eq!(versioned_name("cuCtxCreate", 12040), "cuCtxCreate_v3");
-        assert_eq!(versioned_name("cuCtxCreate", 13000), "cuCtxCreate_v4");
-        assert_eq!(
-            versioned_name("cuCtxSynchronize", 12080),
-            "cuCtxSynchronize"
-        );
-        assert_eq!(versioned_name("cuInit", 13000), "cuInit");
-    }
+    use crate::types::CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND;
 
     #[test]
     fn proc_address_resolves_to_the_versioned_export() {
         assert_eq!(
-            resolve("cuMemAlloc", 3020),
-            Some(cuMemAlloc_v2 as *mut c_void)
+            resolve("cuMemAlloc", 3020, 0),
+            Ok(cuMemAlloc_v2 as *mut c_void)
         );
-        assert_eq!(resolve("cuMemAlloc", 2000), Some(cuMemAlloc as *mut c_void));
         assert_eq!(
-            resolve("cuMemAlloc_v2", 2000),
-            Some(cuMemAlloc_v2 as *mut c_void)
+            resolve("cuMemAlloc", 2000, 0),
+            Ok(cuMemAlloc as *mut c_void)
         );
-        assert_eq!(resolve("cuInit", 12000), Some(cuInit as *mut c_void));
-        assert!(resolve("cuCtxGetLimit", 12000).is_some());
-        assert_eq!(resolve("cuGraphLaunch", 12000), None);
+        assert_eq!(resolve("cuInit", 12000, 0), Ok(cuInit as *mut c_void));
+        assert!(resolve("cuCtxGetLimit", 12000, 0).is_ok());
+        assert_eq!(
+            resolve("cuGraphInstantiate", 12000, 0),
+            Ok(cuGraphInstantiate_v2 as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuStreamGetCaptureInfo", 12030, 0),
+            Ok(cuStreamGetCaptureInfo_v3 as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuCtxCreate", 12050, 0),
+            Ok(cuCtxCreate_v4 as *mut c_void)
+        );
     }
 
     #[test]
-    fn every_versioned_variant_is_exported() {
-        for (base, variants) in VERSIONED {
-            for (_, symbol) in *variants {
-                assert!(exported(symbol).is_some(), "{symbol} ({base}) not exported");
-            }
-        }
+    fn per_thread_stream_flag_resolves_to_the_ptsz_export() {
+        assert_eq!(
+            resolve("cuLaunchKernel", 7000, 2),
+            Ok(crate::ptds::cuLaunchKernel_ptsz as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLaunchKernel", 7000, 0),
+            Ok(cuLaunchKernel as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuMemcpyHtoD", 7000, 2),
+            Ok(crate::ptds::cuMemcpyHtoD_v2_ptds as *mut c_void)
+        );
+    }
+
+    #[test]
+    fn names_the_driver_does_not_know_or_too_old_versions_are_refused_with_status() {
+        assert_eq!(
+            resolve("cuNoSuchThing", 12000, 0),
+            Err(CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND)
+        );
+        assert_eq!(resolve("cuLaunchKernelEx", 11000, 0), Err(2));
+        // The driver's own name for a versioned symbol is not a request name.
+        assert_eq!(
+            resolve("cuMemAlloc_v2", 12000, 0),
+            Err(CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND)
+        );
+    }
+
+    #[test]
+    fn over_150_of_the_drivers_symbols_are_exported() {
+        let table = crate::procaddr_table::table();
+        let reachable = table
+            .all_symbols()
+            .filter(|s| exported(s).is_some())
+            .count();
+        assert!(
+            reachable > 150,
+            "only {reachable} table symbols are exported"
+        );
     }
 
     #[test]
     fn every_no_mangle_export_is_in_the_proc_address_table() {
         let sources = [
+            include_str!("capture_api.rs"),
+            include_str!("graph.rs"),
+            include_str!("launch_ex.rs"),
+            include_str!("priority.rs"),
             include_str!("copy.rs"),
             include_str!("ctx.rs"),
             include_str!("device.rs"),
@@ -320,6 +333,10 @@ mod tests {
             include_str!("module.rs"),
             include_str!("procaddr.rs"),
             include_str!("stream.rs"),
+            include_str!("export_table.rs"),
+            include_str!("library.rs"),
+            include_str!("ptds.rs"),
+            include_str!("runtime.rs"),
         ];
         let mut count = 0;
         for source in sources {
@@ -339,16 +356,21 @@ mod tests {
     }
 
     #[test]
-    fn unknown_symbol_is_not_found_with_null_and_status() {
+    fn unknown_symbol_is_null_with_status_and_v1_returns_not_found() {
         let mut pfn: *mut c_void = std::ptr::without_provenance_mut(1);
         let mut status = -1;
         // SAFETY: valid name and out-pointers.
         let rc = unsafe {
             cuGetProcAddress_v2(c"cuNoSuchThing".as_ptr(), &mut pfn, 12000, 0, &mut status)
         };
-        assert_eq!(rc, Status::NOT_FOUND.0);
+        assert_eq!(rc, 0, "driver 580 answers CUDA_SUCCESS with a status");
         assert!(pfn.is_null());
         assert_eq!(status, CU_GET_PROC_ADDRESS_SYMBOL_NOT_FOUND);
+        pfn = std::ptr::without_provenance_mut(1);
+        // SAFETY: as above.
+        let rc = unsafe { cuGetProcAddress(c"cuNoSuchThing".as_ptr(), &mut pfn, 12000, 0) };
+        assert_eq!(rc, Status::NOT_FOUND.0);
+        assert!(pfn.is_null());
         // SAFETY: as above.
         let rc =
             unsafe { cuGetProcAddress_v2(c"cuMemFree".as_ptr(), &mut pfn, 12000, 0, &mut status) };

@@ -354,6 +354,11 @@ impl Driver {
             .map_err(|err| self.transport_failed(err))
     }
 
+    /// Makes everything submitted visible to the device (kicks if needed).
+    pub(crate) fn flush(&self) -> CuResult<()> {
+        self.dev.flush().map_err(|err| self.transport_failed(err))
+    }
+
     /// A bounce buffer of `len` bytes in guest memory.
     pub(crate) fn staging(&self, len: usize) -> CuResult<Staging> {
         self.dev

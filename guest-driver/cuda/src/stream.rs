@@ -1,7 +1,8 @@
-//! Streams. A `CUstream` is a guest id from [`crate::handles`]; NULL,
-//! `CU_STREAM_LEGACY` and `CU_STREAM_PER_THREAD` all mean the backend's
-//! default stream (handle 0) for now. Requests about a created stream carry
-//! the stream's own context; default-stream requests the current one.
+//! Streams. A `CUstream` is a guest id from [`crate::handles`]; NULL and
+//! `CU_STREAM_LEGACY` mean the backend's default stream (handle 0),
+//! `CU_STREAM_PER_THREAD` the calling thread's per-thread default stream
+//! ([`crate::ptds`]). Requests about a created stream carry the stream's
+//! own context; default-stream requests the current one.
 
 use std::ffi::{c_int, c_uint};
 
@@ -20,6 +21,10 @@ pub(crate) fn is_default_stream(stream: CUstream) -> bool {
 
 /// The backend handle of a stream (0 for the default stream).
 pub(crate) fn backend_stream(drv: &Driver, stream: CUstream) -> CuResult<u64> {
+    if stream.addr() == CU_STREAM_PER_THREAD {
+        let (_, ctx) = session_ctx()?;
+        return crate::ptds::per_thread_stream(drv, ctx);
+    }
     if is_default_stream(stream) {
         return Ok(0);
     }
@@ -32,6 +37,10 @@ pub(crate) fn backend_stream(drv: &Driver, stream: CUstream) -> CuResult<u64> {
 /// The driver, the context to put in the header and the backend handle for
 /// a request about `stream`.
 pub(crate) fn stream_target(stream: CUstream) -> CuResult<(&'static Driver, u64, u64)> {
+    if stream.addr() == CU_STREAM_PER_THREAD {
+        let (drv, ctx) = session_ctx()?;
+        return Ok((drv, ctx, crate::ptds::per_thread_stream(drv, ctx)?));
+    }
     if is_default_stream(stream) {
         let (drv, ctx) = session_ctx()?;
         return Ok((drv, ctx, 0));
@@ -44,6 +53,7 @@ pub(crate) fn stream_target(stream: CUstream) -> CuResult<(&'static Driver, u64,
 unsafe fn create(ph_stream: *mut CUstream, flags: c_uint, priority: c_int) -> CuResult<()> {
     let (drv, ctx) = session_ctx()?;
     non_null(ph_stream)?;
+    let priority = crate::priority::clamp(priority);
     let req = StreamCreateReq {
         flags: flags.into(),
         priority: priority.into(),
@@ -52,6 +62,7 @@ unsafe fn create(ph_stream: *mut CUstream, flags: c_uint, priority: c_int) -> Cu
     drv.call(ctx, 0, &Request::StreamCreate(req), &mut body)?;
     let (resp, _) = parse::<HandleResp>(&body, "STREAM_CREATE")?;
     let id = drv.streams.insert(resp.handle.get(), ctx);
+    crate::priority::note_stream(id, flags, priority);
     // SAFETY: non-null, and per the API a writable `CUstream`.
     unsafe { write_out(ph_stream, id) }
 }
@@ -86,6 +97,8 @@ fn destroy(stream: CUstream) -> CuResult<()> {
     let result = drv.call(entry.ctx, 0, &Request::StreamDestroy(req), &mut Vec::new());
     if result.is_ok() || result == Err(Status::INVALID_HANDLE) {
         drv.streams.remove(stream);
+        crate::priority::forget_stream(stream);
+        crate::capture::forget_stream(stream);
     }
     result
 }
@@ -107,6 +120,7 @@ pub unsafe extern "C" fn cuStreamDestroy_v2(stream: CUstream) -> CUresult {
 pub unsafe extern "C" fn cuStreamSynchronize(stream: CUstream) -> CUresult {
     guard(|| {
         let (drv, ctx, handle) = stream_target(stream)?;
+        crate::capture::on_stream_sync(stream)?;
         let req = HandleReq {
             handle: handle.into(),
         };
@@ -119,6 +133,7 @@ pub unsafe extern "C" fn cuStreamSynchronize(stream: CUstream) -> CUresult {
 pub unsafe extern "C" fn cuStreamQuery(stream: CUstream) -> CUresult {
     guard(|| {
         let (drv, ctx, handle) = stream_target(stream)?;
+        crate::capture::on_stream_sync(stream)?;
         let req = HandleReq {
             handle: handle.into(),
         };
@@ -135,7 +150,11 @@ pub unsafe extern "C" fn cuStreamWaitEvent(
 ) -> CUresult {
     guard(|| {
         let (drv, ctx, handle) = stream_target(stream)?;
-        let event = drv.events.get(event).ok_or(Status::INVALID_HANDLE)?;
+        let entry = drv.events.get(event).ok_or(Status::INVALID_HANDLE)?;
+        if crate::capture::wait_event(stream, event, flags, ctx, entry.backend)? {
+            return Ok(());
+        }
+        let event = entry;
         let req = StreamWaitEventReq {
             stream: handle.into(),
             event: event.backend.into(),
