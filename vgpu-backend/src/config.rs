@@ -201,6 +201,9 @@ pub struct BackendConfig {
     pub emulated_gpu_lock: Option<PathBuf>,
     /// The bound on queued GPU work (with a board).
     pub max_inflight: std::time::Duration,
+    /// Where usage is reported; `None`: sessions are metered but nothing is
+    /// reported.
+    pub metering: Option<crate::reporting::MeteringConfig>,
 }
 
 /// Where a backend finds its grant.
@@ -228,7 +231,28 @@ impl BackendConfig {
             board: None,
             emulated_gpu_lock: None,
             max_inflight: crate::throttle::DEFAULT_MAX_INFLIGHT,
+            metering: None,
         }
+    }
+
+    /// Reports every session's usage to the scheduler listening on
+    /// `socket` (its API socket, `$STATE_DIR/api.sock`), for `tenant`, once
+    /// per [`crate::reporting::DEFAULT_INTERVAL`].
+    pub fn scheduler(mut self, socket: impl Into<PathBuf>, tenant: impl Into<String>) -> Self {
+        self.metering = Some(crate::reporting::MeteringConfig {
+            scheduler_socket: socket.into(),
+            tenant: tenant.into(),
+            interval: crate::reporting::DEFAULT_INTERVAL,
+        });
+        self
+    }
+
+    /// Sets how often usage is reported (with [`BackendConfig::scheduler`]).
+    pub fn metering_interval(mut self, interval: std::time::Duration) -> Self {
+        if let Some(m) = &mut self.metering {
+            m.interval = interval;
+        }
+        self
     }
 
     /// Governs dispatch by slot `slot` of the grant board at `path`.
@@ -317,6 +341,20 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.0[6] >> 4, 4);
         assert_eq!(a.0[8] >> 6, 0b10);
+    }
+
+    #[test]
+    fn scheduler_sets_metering_and_interval_follows() {
+        let c = BackendConfig::new("/s", DeviceSpec::Emulated)
+            .metering_interval(std::time::Duration::from_millis(5));
+        assert!(c.metering.is_none());
+        let c = c
+            .scheduler("/var/lib/vgpu/api.sock", "acme")
+            .metering_interval(std::time::Duration::from_millis(250));
+        let m = c.metering.unwrap();
+        assert_eq!(m.scheduler_socket, PathBuf::from("/var/lib/vgpu/api.sock"));
+        assert_eq!(m.tenant, "acme");
+        assert_eq!(m.interval, std::time::Duration::from_millis(250));
     }
 
     #[test]

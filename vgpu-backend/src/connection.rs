@@ -104,9 +104,15 @@ impl Connection {
                     self.shared.gpu.clone(),
                     self.shared.slice.clone(),
                 )
-                .with_throttle(self.shared.throttle.clone());
+                .with_throttle(self.shared.throttle.clone())
+                .with_meter(self.shared.meters.open_session());
+                tracing::debug!(
+                    session = id,
+                    meter = session.meter().id(),
+                    pid = r.pid.get(),
+                    "Session opened"
+                );
                 self.sessions.insert(id, session);
-                tracing::debug!(session = id, pid = r.pid.get(), "Session opened");
                 Ok(Reply::Session(id))
             }
             Request::SessionClose => {
@@ -117,11 +123,17 @@ impl Connection {
                 drop(session);
                 Ok(Reply::Empty)
             }
-            _ => self
-                .sessions
-                .get_mut(&header.session.get())
-                .ok_or(Status::INVALID_HANDLE)?
-                .execute(header, req, mem),
+            _ => {
+                // About to be held by the grant board: close every open in-flight batch
+                // first, so the hold is not timed as GPU work of this connection's sessions.
+                if crate::ops::is_gpu_work(req) && self.shared.throttle.would_hold() {
+                    self.end_batch();
+                }
+                self.sessions
+                    .get_mut(&header.session.get())
+                    .ok_or(Status::INVALID_HANDLE)?
+                    .execute(header, req, mem)
+            }
         }
     }
 

@@ -9,6 +9,9 @@
 //! [`connection`] decodes requests and handles the control queue;
 //! [`session`] and [`ops`] hold and check every guest handle and device
 //! address; [`guest`] translates guest memory; [`gpu`] executes.
+//! [`metering`] counts each session's usage, [`reporting`] sends it to the
+//! scheduler's ledger once a second, and [`signals`] stops the backend
+//! cleanly on SIGTERM.
 //!
 //! In-process use (tests):
 //! ```no_run
@@ -26,12 +29,15 @@ pub mod device;
 pub mod devmem;
 pub mod gpu;
 pub mod guest;
+pub mod metering;
 pub mod ops;
 pub mod queue;
 pub mod reply;
+pub mod reporting;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod signals;
 pub mod slice;
 #[cfg(test)]
 mod testutil;

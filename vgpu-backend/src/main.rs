@@ -47,12 +47,32 @@ struct Cli {
     emulated_gpu_lock: Option<PathBuf>,
     /// The bound on queued GPU work, in microseconds (with a board): a slice that loses its grant
     /// hands the GPU over once this much work has drained.
-    #[arg(long, value_name = "N", default_value_t = 500, env = "VGPU_MAX_INFLIGHT_US")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 500,
+        env = "VGPU_MAX_INFLIGHT_US"
+    )]
     max_inflight_us: u64,
+    /// The scheduler's API socket: every session's usage (GPU time, memory,
+    /// copies, kernels) is reported there once a second (with --tenant).
+    #[arg(long, value_name = "PATH", requires = "tenant")]
+    scheduler_socket: Option<PathBuf>,
+    /// The tenant the slice's usage is billed to (with --scheduler-socket).
+    #[arg(long, value_name = "NAME", requires = "scheduler_socket")]
+    tenant: Option<String>,
+    /// How often usage is reported, in milliseconds (with --scheduler-socket).
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    usage_interval_ms: u64,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts: SIGTERM and SIGINT go to the signal thread.
+    if let Err(e) = vgpu_backend::signals::block_stop_signals() {
+        eprintln!("vgpu-backend: cannot block the stop signals: {e}");
+        return ExitCode::FAILURE;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -70,7 +90,17 @@ fn main() -> ExitCode {
     }
     config.emulated_gpu_lock = cli.emulated_gpu_lock;
     config = config.max_inflight_us(cli.max_inflight_us);
-    let result = Backend::new(config).and_then(Backend::serve);
+    if let (Some(socket), Some(tenant)) = (cli.scheduler_socket, cli.tenant) {
+        config = config
+            .scheduler(socket, tenant)
+            .metering_interval(std::time::Duration::from_millis(cli.usage_interval_ms));
+    }
+    let result = Backend::new(config).and_then(|backend| {
+        if let Err(e) = vgpu_backend::signals::stop_on_signal(backend.stop_handle()) {
+            tracing::error!(error = %e, "Cannot start the signal thread; SIGTERM will not stop the backend cleanly");
+        }
+        backend.serve()
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -37,14 +37,7 @@ impl Session {
             }
         }
         // GPU work waits here while the grant board holds the slice back.
-        if matches!(
-            req,
-            Request::Launch(..)
-                | Request::MemcpyHtoD(..)
-                | Request::MemcpyDtoH(..)
-                | Request::MemcpyDtoD(..)
-                | Request::Memset(..)
-        ) {
+        if is_gpu_work(req) {
             self.throttle.gate();
         }
         match req {
@@ -52,7 +45,9 @@ impl Session {
                 Err(Status::INVALID_VALUE)
             }
             Request::CtxCreate(r) => {
-                let ctx = self.gpu.create_context(r.flags.get())?;
+                let ctx = self
+                    .gpu
+                    .create_metered_context(r.flags.get(), &self.meter)?;
                 Ok(Reply::Handle(self.add_context(ctx)))
             }
             Request::CtxDestroy(r) => self.destroy_context(r.handle.get()).map(|_| Reply::Empty),
@@ -184,6 +179,7 @@ impl Session {
             self.slice.release(size);
             return Err(status);
         }
+        self.meter.allocated(size);
         Ok(Reply::Handle(ptr))
     }
 
@@ -192,6 +188,7 @@ impl Session {
         self.gpu_context(range.context)?.mem_free(ptr)?;
         self.memory.remove(ptr);
         self.slice.release(range.size);
+        self.meter.freed(range.size);
         Ok(Reply::Empty)
     }
 
@@ -221,11 +218,9 @@ impl Session {
         self.bufs = bufs;
         result?;
         let bytes = r.total_len.get();
-        if to_device {
-            self.throttle.add_copied(bytes, 0);
-        } else {
-            self.throttle.add_copied(0, bytes);
-        }
+        let (htod, dtoh) = if to_device { (bytes, 0) } else { (0, bytes) };
+        self.throttle.add_copied(htod, dtoh);
+        self.meter.add_copied(htod, dtoh);
         Ok(Reply::Empty)
     }
 
@@ -338,8 +333,15 @@ impl Session {
             .contexts
             .get_mut(&f.context)
             .ok_or(Status::INVALID_CONTEXT)?;
-        ctx.launch(f.raw, config, stream, params, &f.layout)?;
+        // A kernel the executor runs before returning (emulated timed
+        // kernels) charges its GPU time to this thread.
+        let charged = crate::metering::thread_gpu_ns();
+        let launched = ctx.launch(f.raw, config, stream, params, &f.layout);
+        self.meter
+            .add_gpu_ns(crate::metering::thread_gpu_ns().wrapping_sub(charged));
+        launched?;
         self.throttle.add_launches(1);
+        self.meter.add_kernels(1);
         Ok(Reply::Empty)
     }
 
@@ -365,4 +367,16 @@ impl Session {
             .event_elapsed(start.raw, end.raw)?;
         Ok(Reply::Elapsed(ms))
     }
+}
+
+/// Requests that put work on the GPU: the grant board governs them.
+pub(crate) fn is_gpu_work(req: &Request<'_>) -> bool {
+    matches!(
+        req,
+        Request::Launch(..)
+            | Request::MemcpyHtoD(..)
+            | Request::MemcpyDtoH(..)
+            | Request::MemcpyDtoD(..)
+            | Request::Memset(..)
+    )
 }

@@ -19,6 +19,8 @@ use crate::gpu::emulated::EmulatedGpu;
 use crate::gpu::timed::EmulatedClock;
 use crate::gpu::Gpu;
 use crate::guest::GuestMemoryMmap;
+use crate::metering::MeterRegistry;
+use crate::reporting::UsageReporting;
 use crate::shared::DeviceShared;
 use crate::slice::SliceMemory;
 use crate::throttle::{Monitor, Throttle};
@@ -35,7 +37,7 @@ pub enum Error {
         message: String,
     },
     /// The memory limit is zero or above the device's memory.
-    #[error("Memory limit of {limit} bytes is invalid: the device has {total} bytes")]
+    #[error("Memory limit of {limit} bytes is invalid (the device has {total} bytes)")]
     MemoryLimit {
         /// The limit asked for.
         limit: u64,
@@ -78,6 +80,9 @@ pub enum Error {
     /// The board monitor thread could not be started.
     #[error("Cannot start the board monitor thread: {0}")]
     Monitor(std::io::Error),
+    /// The usage reporting thread could not be started.
+    #[error("Cannot start the usage reporting thread: {0}")]
+    Reporting(std::io::Error),
 }
 
 /// Consecutive accept failures after which the backend gives up.
@@ -203,6 +208,7 @@ pub struct Backend {
     stop: Arc<AtomicBool>,
     connections: Arc<Connections>,
     monitor: Option<Monitor>,
+    reporting: Option<UsageReporting>,
 }
 
 impl Backend {
@@ -228,9 +234,19 @@ impl Backend {
         throttle: Arc<Throttle>,
     ) -> Result<Backend, Error> {
         let total = gpu.identity().total_mem;
-        let limit = config.memory_limit.unwrap_or(total);
-        if limit == 0 || limit > total {
+        let mut limit = config.memory_limit.unwrap_or(total);
+        if limit == 0 {
             return Err(Error::MemoryLimit { limit, total });
+        }
+        if limit > total {
+            // A slice declared larger than the card (the scheduler's default GPU size is a round
+            // 80 GiB; an "80 GB" H100 has 79.2 GiB) gets the whole card, not a refusal.
+            tracing::warn!(
+                limit,
+                total,
+                "The slice's memory limit exceeds the device's memory; the slice gets the device's"
+            );
+            limit = total;
         }
         if config.max_queue_size == 0 || config.max_queue_size > vgpu_spec::MAX_QUEUE_SIZE {
             return Err(Error::QueueSize(config.max_queue_size));
@@ -249,6 +265,9 @@ impl Backend {
         );
         shared.poll_after_work = config.poll_after_work;
         shared.throttle = throttle;
+        if config.metering.is_some() {
+            shared.meters = Arc::new(MeterRegistry::new(true));
+        }
         let shared = Arc::new(shared);
         let monitor = shared.throttle.spawn_monitor().map_err(Error::Monitor)?;
         if let Some(dir) = config.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -269,6 +288,13 @@ impl Backend {
             "listening on {}",
             config.socket.display()
         );
+        let reporting = match &config.metering {
+            Some(m) => Some(
+                UsageReporting::start(m, &config.slice_name, shared.meters.clone())
+                    .map_err(Error::Reporting)?,
+            ),
+            None => None,
+        };
         Ok(Backend {
             shared,
             listener,
@@ -276,6 +302,7 @@ impl Backend {
             stop: Arc::new(AtomicBool::new(false)),
             connections: Arc::new(Connections::default()),
             monitor,
+            reporting,
         })
     }
 
@@ -329,13 +356,23 @@ impl Backend {
         })
     }
 
+    /// The sessions' usage meters.
+    pub fn meters(&self) -> Arc<MeterRegistry> {
+        self.shared.meters.clone()
+    }
+
     /// Accepts frontends until stopped, serving each on its own threads.
-    /// On stop, every frontend is disconnected and everything freed.
+    /// On stop, every frontend is disconnected and everything freed, and
+    /// the last usage report is sent.
     pub fn serve(mut self) -> Result<(), Error> {
         let result = self.accept_loop();
         // Held connections stop waiting for a grant, so they can close.
         self.shared.throttle.stop();
         self.connections.shutdown_all();
+        // Every session is closed: their final figures go out now.
+        if let Some(reporting) = self.reporting.take() {
+            reporting.stop();
+        }
         drop(self.monitor.take());
         if let Err(e) = &result {
             tracing::error!(error = %e, "Backend stopped on an error");

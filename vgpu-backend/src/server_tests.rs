@@ -324,15 +324,14 @@ fn stale_socket_files_are_replaced_and_stop_frees_connected_clients() {
 }
 
 #[test]
-fn bad_memory_limits_are_refused() {
+fn bad_memory_limits_are_refused_and_oversized_ones_clamped() {
     let path = socket_path("limits");
     let mut config = BackendConfig::new(&path, DeviceSpec::Emulated);
     config.emulated_memory = Some(MIB);
     config.memory_limit = Some(2 * MIB);
-    assert!(matches!(
-        Backend::new(config.clone()),
-        Err(Error::MemoryLimit { .. })
-    ));
+    let backend = Backend::new(config.clone()).unwrap();
+    assert_eq!(backend.slice().limit(), MIB);
+    drop(backend);
     config.memory_limit = Some(0);
     assert!(matches!(
         Backend::new(config.clone()),

@@ -14,6 +14,7 @@ use vgpu_spec::Status;
 
 use crate::devmem::{DeviceMemory, RangeKind};
 use crate::gpu::{Gpu, GpuContext, HostBuf, ParamLayout, RawHandle, StreamRef};
+use crate::metering::SessionMeter;
 use crate::slice::SliceMemory;
 use crate::throttle::Throttle;
 
@@ -73,6 +74,8 @@ pub struct Session {
     pub(crate) bufs: Vec<HostBuf>,
     /// The grant board gate and usage counters.
     pub(crate) throttle: Arc<Throttle>,
+    /// This session's usage, for the ledger.
+    pub(crate) meter: Arc<SessionMeter>,
 }
 
 impl Session {
@@ -91,7 +94,20 @@ impl Session {
             memory: DeviceMemory::default(),
             bufs: Vec::new(),
             throttle: Throttle::disabled(),
+            meter: SessionMeter::new(0),
         }
+    }
+
+    /// Counts the session's usage on `meter` (a fresh, unread meter by
+    /// default).
+    pub fn with_meter(mut self, meter: Arc<SessionMeter>) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    /// The session's usage meter.
+    pub fn meter(&self) -> &Arc<SessionMeter> {
+        &self.meter
     }
 
     /// Gates dispatch on, and reports usage to, `throttle`.
@@ -206,6 +222,7 @@ impl Session {
         let freed = self.memory.remove_where(|r| r.context == context);
         drop(ctx);
         self.slice.release(freed);
+        self.meter.freed(freed);
         Ok(())
     }
 
@@ -234,9 +251,11 @@ impl Drop for Session {
         self.events.clear();
         self.functions.clear();
         self.modules.clear();
-        // Dropping the executor contexts frees everything they hold.
+        // Dropping the executor contexts frees everything they hold (and
+        // accounts their last GPU time to the meter).
         self.contexts.clear();
         self.slice.release(bytes);
+        self.meter.close();
         tracing::debug!(
             session = self.id,
             pid = self.pid,

@@ -10,6 +10,7 @@ use zerocopy::little_endian::I32;
 
 use crate::config::SliceUuid;
 use crate::gpu::Gpu;
+use crate::metering::MeterRegistry;
 use crate::slice::SliceMemory;
 use crate::throttle::Throttle;
 
@@ -43,6 +44,8 @@ pub struct DeviceShared {
     pub poll_after_work: std::time::Duration,
     /// The grant board slot (a disabled throttle without one).
     pub throttle: Arc<Throttle>,
+    /// Every session's usage meter (kept only while a reporter reads them).
+    pub meters: Arc<MeterRegistry>,
 }
 
 impl DeviceShared {
@@ -84,6 +87,7 @@ impl DeviceShared {
             max_queue_size,
             poll_after_work: crate::config::DEFAULT_POLL_AFTER_WORK,
             throttle: Throttle::disabled(),
+            meters: Arc::new(MeterRegistry::new(false)),
         }
     }
 

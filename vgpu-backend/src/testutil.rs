@@ -79,7 +79,11 @@ pub struct Harness {
 
 impl Harness {
     pub fn new(limit: u64) -> Harness {
-        let shared = shared(1 << 30, limit);
+        Harness::with_shared(shared(1 << 30, limit))
+    }
+
+    /// A harness over the given shared state.
+    pub fn with_shared(shared: Arc<DeviceShared>) -> Harness {
         Harness {
             conn: Connection::new(shared.clone()),
             shared,

@@ -200,6 +200,13 @@ impl Throttle {
         b.board.slot(b.index).ok()
     }
 
+    /// Whether [`Throttle::gate`] would hold the next piece of work now. Callers close their
+    /// open in-flight batches first, so the time spent held is not timed as GPU work.
+    #[inline]
+    pub fn would_hold(&self) -> bool {
+        self.slot().is_some_and(|slot| !slot.may_dispatch())
+    }
+
     /// Called before each piece of GPU work is dispatched: marks the slot
     /// busy and blocks while the board withholds the grant.
     #[inline]

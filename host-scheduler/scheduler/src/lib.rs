@@ -311,6 +311,9 @@ impl Scheduler {
     /// Attached slices stay marked attached and come back with the next start.
     pub async fn shutdown(mut self) {
         tracing::info!("shutting down");
+        // Backends first, while the API still serves: each reports its last interval to the
+        // ledger as it stops.
+        self.core.stop_all().await;
         let _ = self.shutdown.send(true);
         for s in self.servers.drain(..) {
             let abort = s.abort_handle();
@@ -318,7 +321,6 @@ impl Scheduler {
                 abort.abort();
             }
         }
-        self.core.stop_all().await;
         if let Some(a) = self.arbiter.take() {
             a.stop();
         }

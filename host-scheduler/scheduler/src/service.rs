@@ -39,7 +39,8 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    /// The command line of slice `spec`'s backend on board slot `slot`.
+    /// The command line of slice `spec`'s backend on board slot `slot`. The backend reports
+    /// its usage to this scheduler's API socket, billed to the slice's tenant.
     pub fn launch_spec(&self, spec: &SliceSpec, slot: usize, socket: PathBuf) -> LaunchSpec {
         let mut args: Vec<OsString> = vec!["--socket".into(), socket.clone().into()];
         args.push("--device".into());
@@ -56,6 +57,10 @@ impl Launcher {
             self.state_dir.join("board").into(),
             "--board-slot".into(),
             slot.to_string().into(),
+            "--scheduler-socket".into(),
+            self.state_dir.join("api.sock").into(),
+            "--tenant".into(),
+            spec.tenant.clone().into(),
         ]);
         if self.device == DeviceKind::Emulated {
             args.push("--emulated-gpu-lock".into());
@@ -418,7 +423,8 @@ mod tests {
         assert_eq!(
             args(&s).join(" "),
             "--socket /var/lib/vgpu/slices/lc.sock --device cuda:1 --slice lc \
-             --memory-limit 1073741824 --board /var/lib/vgpu/board --board-slot 3"
+             --memory-limit 1073741824 --board /var/lib/vgpu/board --board-slot 3 \
+             --scheduler-socket /var/lib/vgpu/api.sock --tenant t"
         );
     }
 

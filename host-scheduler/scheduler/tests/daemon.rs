@@ -187,6 +187,7 @@ fn scheduler_admits_attaches_restarts_and_persists_slices() {
         format!(
             "--socket {s}/slices/default.sock --device emulated --slice default \
              --memory-limit {} --board {s}/board --board-slot 0 \
+             --scheduler-socket {s}/api.sock --tenant default \
              --emulated-gpu-lock {s}/emulated-gpu-0.lock",
             80 * GIB
         )

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use vgpu_spec::{Status, MAX_PARAMS};
 use zerocopy::IntoBytes;
 
+use crate::metering::SessionMeter;
 use crate::throttle::Throttle;
 
 use super::cuda_identity::{log_library_path, read_identity};
@@ -138,6 +139,10 @@ pub(super) fn driver(call: &'static str, result: CUresult) -> Result<(), CudaErr
 }
 
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How long a context being destroyed waits for its in-flight batches, so
+/// their GPU time is billed (work still running after it is not).
+const DRAIN_ON_DESTROY: std::time::Duration = std::time::Duration::from_secs(2);
 
 thread_local! {
     /// Id of the context last made current on this thread (0: unknown).
@@ -300,6 +305,26 @@ impl Gpu for CudaGpu {
     }
 
     fn create_context(&self, flags: u32) -> GpuResult<Box<dyn GpuContext>> {
+        self.new_context(flags, None)
+    }
+
+    fn create_metered_context(
+        &self,
+        flags: u32,
+        meter: &Arc<SessionMeter>,
+    ) -> GpuResult<Box<dyn GpuContext>> {
+        self.new_context(flags, Some(Arc::clone(meter)))
+    }
+}
+
+impl CudaGpu {
+    /// A new context; its in-flight tracker (with a board) also counts the
+    /// context's GPU time on `meter`.
+    fn new_context(
+        &self,
+        flags: u32,
+        meter: Option<Arc<SessionMeter>>,
+    ) -> GpuResult<Box<dyn GpuContext>> {
         if flags & !ALLOWED_CTX_FLAGS != 0 {
             return Err(Status::INVALID_VALUE);
         }
@@ -313,7 +338,7 @@ impl Gpu for CudaGpu {
             param_words: Vec::new(),
             param_ptrs: Vec::new(),
             inflight: (self.throttle.enabled())
-                .then(|| SharedTracker::register(ctx, id, &self.throttle)),
+                .then(|| SharedTracker::register(ctx, id, &self.throttle, meter)),
         };
         // cuCtxCreate pushed the new context; pop it so the thread's current
         // context (and our cache of it) is what it was. On failure,
@@ -345,7 +370,13 @@ unsafe impl Send for CudaContext {}
 impl Drop for CudaContext {
     fn drop(&mut self) {
         if let Some(t) = &self.inflight {
-            t.lock().shutdown();
+            let mut tracker = t.lock();
+            // The last batches' GPU time is billed before the context and
+            // its timing events go away.
+            if self.enter().is_ok() {
+                tracker.drain(DRAIN_ON_DESTROY);
+            }
+            tracker.shutdown();
         }
         // SAFETY: the context is owned by self and destroyed only here;
         // this frees everything allocated in it.

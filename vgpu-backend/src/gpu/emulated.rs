@@ -11,7 +11,8 @@
 //! memory a kernel would have written keeps its old contents. The device
 //! reports `executes_kernels: false` so clients and tests can tell. The one
 //! exception is the timed kernel `vgpu_timed_spin(u64 ns)`, which takes
-//! `ns` of emulated GPU time (see [`super::timed`]).
+//! `ns` of emulated GPU time (see [`super::timed`]), and the faulting
+//! kernel `vgpu_fault(u64 kind)`, which poisons its context (see [`fault`]).
 //!
 //! Work runs immediately, in call order, which trivially keeps every
 //! stream's order; streams and events exist for handle validation and
@@ -213,7 +214,7 @@ impl Gpu for EmulatedGpu {
         NOTICE.call_once(|| {
             warn!("The emulated device validates kernel launches but does not execute kernels");
         });
-        Ok(Box::new(EmulatedContext {
+        Ok(Box::new(fault::Faulting::new(EmulatedContext {
             shared: Arc::clone(&self.shared),
             allocs: BTreeMap::new(),
             modules: HashMap::new(),
@@ -221,7 +222,7 @@ impl Gpu for EmulatedGpu {
             streams: HashSet::new(),
             events: HashMap::new(),
             next_handle: 1,
-        }))
+        })))
     }
 }
 
@@ -550,6 +551,21 @@ impl GpuContext for EmulatedContext {
     }
 
     fn module_load(&mut self, image: &[u8]) -> GpuResult<RawHandle> {
+        // A fatbin (what nvcc emits and the CUDA runtime loads) is loaded by its PTX, the
+        // only code this device runs.
+        let extracted;
+        let image = if ptx::image_kind(image) == ImageKind::Fatbin {
+            extracted = vgpu_spec::fatbin::extract_ptx(image).map_err(|error| {
+                warn!(%error, "The emulated device cannot load this fatbin");
+                match error {
+                    vgpu_spec::fatbin::FatbinError::NoPtx => Status::NO_BINARY_FOR_GPU,
+                    _ => Status::INVALID_IMAGE,
+                }
+            })?;
+            &extracted[..]
+        } else {
+            image
+        };
         match ptx::image_kind(image) {
             ImageKind::Ptx => {}
             kind @ (ImageKind::Elf | ImageKind::Fatbin) => {
@@ -760,6 +776,9 @@ impl GpuContext for EmulatedContext {
             .ok_or(Status::INVALID_HANDLE)
     }
 }
+
+#[path = "fault.rs"]
+pub mod fault;
 
 #[cfg(test)]
 #[path = "emulated_tests.rs"]

@@ -250,15 +250,16 @@ fn ptx_modules_expose_functions_layouts_and_zeroed_globals() {
 }
 
 #[test]
-fn non_ptx_and_malformed_images_are_rejected() {
+fn cubins_and_malformed_images_are_rejected() {
     let (gpu, mut ctx) = ctx(1 << 20);
     assert_eq!(
         ctx.module_load(b"\x7fELF\x02\x01\x01\0\0\0"),
         Err(Status::NOT_SUPPORTED)
     );
+    // A fatbin is loaded by its PTX: a truncated one is an invalid image.
     assert_eq!(
         ctx.module_load(&0xBA55_ED50u32.to_le_bytes()),
-        Err(Status::NOT_SUPPORTED)
+        Err(Status::INVALID_IMAGE)
     );
     assert_eq!(ctx.module_load(b"hello"), Err(Status::INVALID_IMAGE));
     let bad = b".version 8.0\n.target sm_90\n.entry k(.param .u32 a { ret; }\0";

@@ -15,6 +15,9 @@
 //!   overlap are not counted twice. Times are measured from an anchor
 //!   event (the first batch after the context was last idle), and batches
 //!   are accounted in the order they were opened.
+//!   The same time is also counted on the meter of the session owning the
+//!   context (if any), and a context being destroyed first waits (bounded)
+//!   for its outstanding batches, so the last ones are billed too.
 //! - **Completion.** Each outstanding batch is one unit in flight for the
 //!   throttle; the monitor thread polls for completions between queue
 //!   batches, so the busy flag drops when the GPU is done.
@@ -27,6 +30,7 @@ use cudarc::driver::sys as cu;
 use vgpu_spec::Status;
 
 use super::cuda::{check, make_current};
+use crate::metering::SessionMeter;
 use crate::throttle::{InflightSource, Throttle};
 
 /// Units per batch at most.
@@ -86,7 +90,11 @@ pub(super) struct Tracker {
     ctx: cu::CUcontext,
     id: u64,
     alive: bool,
+    /// The slot is latency-critical: its queue is not bounded.
+    latency_critical: bool,
     throttle: Arc<Throttle>,
+    /// The owning session's usage meter.
+    meter: Option<Arc<SessionMeter>>,
     open: Vec<Open>,
     /// Sorted by `seq` (the order batches were opened).
     closed: VecDeque<Closed>,
@@ -109,13 +117,20 @@ pub(super) struct SharedTracker(Mutex<Tracker>);
 
 impl SharedTracker {
     /// A tracker for context `ctx` (process-unique id `id`), registered
-    /// with the throttle's monitor.
-    pub(super) fn register(ctx: cu::CUcontext, id: u64, throttle: &Arc<Throttle>) -> Arc<Self> {
+    /// with the throttle's monitor; GPU time also goes to `meter`.
+    pub(super) fn register(
+        ctx: cu::CUcontext,
+        id: u64,
+        throttle: &Arc<Throttle>,
+        meter: Option<Arc<SessionMeter>>,
+    ) -> Arc<Self> {
         let shared = Arc::new(SharedTracker(Mutex::new(Tracker {
             ctx,
             id,
             alive: true,
+            latency_critical: throttle.latency_critical(),
             throttle: Arc::clone(throttle),
+            meter,
             open: Vec::new(),
             closed: VecDeque::new(),
             pool: Vec::new(),
@@ -216,7 +231,9 @@ impl Tracker {
     }
 
     fn over_budget(&self) -> bool {
-        if self.outstanding_units == 0 {
+        // Latency-critical work never yields the GPU, so nothing is gained by keeping its
+        // queue short, and waiting here would add to its latency.
+        if self.outstanding_units == 0 || self.latency_critical {
             return false;
         }
         if self.ns_per_unit > 0.0 {
@@ -373,7 +390,11 @@ impl Tracker {
             };
             self.ns_per_unit * (1.0 - w) + per_unit * w
         };
-        self.throttle.add_busy_ns((counted * 1e6) as u64);
+        let ns = (counted * 1e6) as u64;
+        self.throttle.add_busy_ns(ns);
+        if let Some(meter) = &self.meter {
+            meter.add_gpu_ns(ns);
+        }
     }
 
     /// Releases a batch's markers and its in-flight unit.
@@ -393,6 +414,32 @@ impl Tracker {
             if let Some(anchor) = self.anchor.take() {
                 self.recycle(anchor);
             }
+        }
+    }
+
+    /// The context is about to be destroyed (context current): closes the
+    /// open batches and accounts every outstanding one that completes within
+    /// `budget`, oldest first. A batch that fails (a sticky error) or is
+    /// still running after the budget is not accounted.
+    pub(super) fn drain(&mut self, budget: std::time::Duration) {
+        if !self.alive {
+            return;
+        }
+        self.close_all();
+        let deadline = std::time::Instant::now() + budget;
+        loop {
+            self.poll_completed();
+            if self.closed.is_empty() {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::debug!(
+                    batches = self.closed.len(),
+                    "Context destroyed with work still running; its GPU time is not billed"
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
         }
     }
 

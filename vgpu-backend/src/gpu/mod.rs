@@ -15,7 +15,11 @@ mod inflight;
 pub mod ptx;
 pub mod timed;
 
+use std::sync::Arc;
+
 use vgpu_spec::Status;
+
+use crate::metering::SessionMeter;
 
 /// Results of executor calls carry the `CUresult` to return to the guest.
 pub type GpuResult<T> = Result<T, Status>;
@@ -154,6 +158,21 @@ pub trait Gpu: Send + Sync {
 
     /// Creates an isolated context (one real CUDA context on `cuda`).
     fn create_context(&self, flags: u32) -> GpuResult<Box<dyn GpuContext>>;
+
+    /// Creates a context whose GPU busy time is also counted on `meter`
+    /// (the owning session's). Executors that time work asynchronously
+    /// (`cuda`: CUDA events around each batch) keep the meter; the default
+    /// keeps none, for executors whose kernels run before the launch returns
+    /// and charge the calling thread instead
+    /// ([`crate::metering::charge_thread_gpu_ns`]).
+    fn create_metered_context(
+        &self,
+        flags: u32,
+        meter: &Arc<SessionMeter>,
+    ) -> GpuResult<Box<dyn GpuContext>> {
+        let _ = meter;
+        self.create_context(flags)
+    }
 }
 
 /// One isolated context. Every method runs with this context current on the

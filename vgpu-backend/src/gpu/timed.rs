@@ -132,6 +132,9 @@ impl EmulatedClock {
         }
         drop(gpu);
         self.throttle.add_busy_ns(spent);
+        // Billed to the session whose launch this is (see crate::metering):
+        // the kernel's duration, not the host's preemptions of the spin.
+        crate::metering::charge_thread_gpu_ns(ns);
         self.throttle.inflight_end(1);
         spent
     }
