@@ -161,7 +161,8 @@ fn latency_critical_kernels_wait_for_at_most_one_best_effort_kernel() {
     lc.wait(Duration::from_secs(60)).assert_passed();
     let (p50, p99, max) = latency(&lc_line);
     let f: Vec<&str> = be_line.split_whitespace().collect();
-    let be_share = f[1].parse::<f64>().expect("kernel count") * f[3].parse::<f64>().expect("kernel ns")
+    let be_share = f[1].parse::<f64>().expect("kernel count")
+        * f[3].parse::<f64>().expect("kernel ns")
         / f[5].parse::<f64>().expect("elapsed ns");
     eprintln!("lc latency p50 {p50:.0} us p99 {p99:.0} us max {max:.0} us; be share {be_share:.3}");
     // A latency-critical kernel runs as soon as the best-effort kernel on the GPU ends: 200 us
