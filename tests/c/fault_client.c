@@ -6,9 +6,12 @@
  * in that context returns it too, cuCtxDestroy succeeds and frees what the
  * context held, and a fresh context then works.
  *
- * Usage: fault_client FAULT_PTX SPIN_PTX
+ * Usage: fault_client FAULT_PTX SPIN_PTX [KIND]
  * Sets up a context (and runs one timed kernel), prints "READY", waits for a line
- * on stdin, then faults. Prints "FAULTED kind=<k> rc=<rc>" per fault.
+ * on stdin, then faults. Prints "FAULTED kind=<k> rc=<rc>" per fault. With KIND, only
+ * that one fault and its sticky checks: on a real GPU a fault costs the backend process
+ * its CUDA state, and the slice's backend restarts (the fresh-context steps then belong
+ * to a new process).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -119,8 +122,8 @@ static void fault_once(struct tenant *t, unsigned long long kind, CUresult stick
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s FAULT_PTX SPIN_PTX\n", argv[0]);
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: %s FAULT_PTX SPIN_PTX [KIND]\n", argv[0]);
         return 2;
     }
     start_watchdog((unsigned)env_u64("VGPU_TEST_WATCHDOG_S", 120));
@@ -142,6 +145,14 @@ int main(int argc, char **argv) {
     char line[64];
     if (fgets(line, sizeof line, stdin) == NULL) {
         fail("wait for the go-ahead", "stdin closed");
+        finish();
+    }
+
+    if (argc == 4) {
+        /* One fault of KIND and nothing after it: on a real GPU the fault costs the whole
+         * backend process its CUDA state, so the slice's backend restarts. */
+        unsigned long long kind = strtoull(argv[3], NULL, 0);
+        fault_once(&t, kind, kind == 0 ? CUDA_ERROR_ILLEGAL_ADDRESS : CUDA_ERROR_LAUNCH_FAILED);
         finish();
     }
 

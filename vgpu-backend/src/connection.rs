@@ -74,6 +74,9 @@ impl Connection {
         };
         if let Err(status) = result {
             tracing::trace!(opcode, session = header.session.get(), %status, "Request failed");
+            if status.is_sticky() {
+                self.shared.poison(status);
+            }
         }
         reply::encode(result, request_id, out);
     }

@@ -28,6 +28,9 @@ use crate::throttle::{Monitor, Throttle};
 /// Why a backend could not start or stopped serving.
 #[derive(Debug, Error)]
 pub enum Error {
+    /// A kernel faulted and the process's CUDA state is lost: the backend must be restarted.
+    #[error("A kernel faulted ({0}); the backend stopped so that a clean one can take its place")]
+    Poisoned(vgpu_spec::Status),
     /// The CUDA device could not be opened.
     #[error("Cannot open CUDA device {ordinal}: {message}")]
     OpenCuda {
@@ -365,7 +368,9 @@ impl Backend {
     /// On stop, every frontend is disconnected and everything freed, and
     /// the last usage report is sent.
     pub fn serve(mut self) -> Result<(), Error> {
+        let watcher = self.watch_for_poison();
         let result = self.accept_loop();
+        drop(watcher);
         // Held connections stop waiting for a grant, so they can close.
         self.shared.throttle.stop();
         self.connections.shutdown_all();
@@ -374,12 +379,49 @@ impl Backend {
             reporting.stop();
         }
         drop(self.monitor.take());
+        let result = match (result, self.shared.poisoned()) {
+            (Ok(()), Some(status)) => Err(Error::Poisoned(status)),
+            (result, _) => result,
+        };
         if let Err(e) = &result {
             tracing::error!(error = %e, "Backend stopped on an error");
         } else {
             tracing::info!("Backend stopped");
         }
         result
+    }
+
+    /// A thread that stops the backend [`POISON_GRACE`] after a request met a sticky fault:
+    /// the faulting guest gets its sticky error first, then every guest of this backend is
+    /// disconnected (`CUDA_ERROR_DEVICE_UNAVAILABLE`) and the process exits, so its supervisor
+    /// starts a clean one. Other slices, in other processes, never notice.
+    fn watch_for_poison(&self) -> Option<PoisonWatcher> {
+        let shared = self.shared.clone();
+        let stop = self.stop_handle();
+        let done = Arc::new(AtomicBool::new(false));
+        let finished = done.clone();
+        let thread = thread::Builder::new()
+            .name("vgpu-poison".into())
+            .spawn(move || {
+                while !finished.load(Ordering::Acquire) {
+                    if shared.poisoned().is_some() {
+                        thread::sleep(POISON_GRACE);
+                        stop.stop();
+                        return;
+                    }
+                    thread::sleep(POISON_POLL);
+                }
+            });
+        match thread {
+            Ok(thread) => Some(PoisonWatcher {
+                done,
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot start the fault watcher thread");
+                None
+            }
+        }
     }
 
     fn accept_loop(&mut self) -> Result<(), Error> {
@@ -443,6 +485,28 @@ impl Backend {
             }
         }
         Ok(())
+    }
+}
+
+/// How long a poisoned backend keeps serving before it stops: its guests collect the sticky
+/// error of the work they had queued.
+pub const POISON_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How often the fault watcher looks.
+const POISON_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Stops the fault watcher thread when dropped.
+struct PoisonWatcher {
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for PoisonWatcher {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -46,6 +46,40 @@ pub struct DeviceShared {
     pub throttle: Arc<Throttle>,
     /// Every session's usage meter (kept only while a reporter reads them).
     pub meters: Arc<MeterRegistry>,
+    /// The first sticky (fault) status any request met, or 0. On a real GPU a faulting kernel
+    /// corrupts the CUDA state of the whole process, so the backend restarts (see
+    /// `server::POISON_GRACE`).
+    pub poisoned: std::sync::atomic::AtomicU32,
+}
+
+impl DeviceShared {
+    /// Records that a request met a sticky fault status.
+    pub fn poison(&self, status: vgpu_spec::Status) {
+        let code = status.0;
+        if self
+            .poisoned
+            .compare_exchange(
+                0,
+                code,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            tracing::error!(
+                %status,
+                "A kernel faulted: this process's CUDA state is lost; the backend restarts"
+            );
+        }
+    }
+
+    /// The sticky status that poisoned the backend, if any.
+    pub fn poisoned(&self) -> Option<vgpu_spec::Status> {
+        match self.poisoned.load(std::sync::atomic::Ordering::Acquire) {
+            0 => None,
+            code => Some(vgpu_spec::Status(code)),
+        }
+    }
 }
 
 impl DeviceShared {
@@ -88,6 +122,7 @@ impl DeviceShared {
             poll_after_work: crate::config::DEFAULT_POLL_AFTER_WORK,
             throttle: Throttle::disabled(),
             meters: Arc::new(MeterRegistry::new(false)),
+            poisoned: std::sync::atomic::AtomicU32::new(0),
         }
     }
 
