@@ -37,8 +37,16 @@ pub const DEFAULT_MAX_INFLIGHT: Duration = Duration::from_micros(500);
 
 /// How often the monitor stores a heartbeat.
 const HEARTBEAT_EVERY_NS: u64 = 10_000_000;
-/// The monitor's period while the slot is busy.
+/// The monitor's period while the slot is busy (`VGPU_MONITOR_BUSY_US` overrides it, for
+/// measuring the monitor's own cost).
 const BUSY_PERIOD: Duration = Duration::from_micros(20);
+
+fn busy_period() -> Duration {
+    std::env::var("VGPU_MONITOR_BUSY_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(BUSY_PERIOD, Duration::from_micros)
+}
 /// The monitor's period while it is idle.
 const IDLE_PERIOD: Duration = Duration::from_millis(1);
 /// A held connection re-checks whether the backend is stopping this often.
@@ -440,10 +448,11 @@ impl Throttle {
             .name("vgpu-board".into())
             .spawn(move || {
                 shorten_timer_slack();
+                let busy_period = busy_period();
                 let mut heartbeat = 0;
                 while !flag.load(Ordering::Acquire) {
                     let busy = throttle.monitor_step(&mut heartbeat);
-                    std::thread::sleep(if busy { BUSY_PERIOD } else { IDLE_PERIOD });
+                    std::thread::sleep(if busy { busy_period } else { IDLE_PERIOD });
                 }
             })?;
         Ok(Some(Monitor {
