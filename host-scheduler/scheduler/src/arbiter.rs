@@ -1,15 +1,16 @@
 //! The arbiter: a thread that, every tick, snapshots the attached slots of the grant board,
 //! runs the policy and writes the grants back; and that measures each slot's utilization over
-//! the last second for `/v1/util`.
+//! the last second and samples its preemption latencies ([`crate::preempt`]) for `/v1/util`.
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vgpu_board::{monotonic_ns, Board};
+use vgpu_board::{monotonic_ns, Board, SlotSnapshot};
 
 use crate::policy::{Policy, SliceInput};
+use crate::preempt::{PreemptRing, PreemptStats};
 use crate::slice::SliceClass;
 
 /// How often utilization is sampled.
@@ -59,6 +60,8 @@ pub struct SlotUtil {
     pub busy_pct: f64,
     /// Time held back, % of wall time.
     pub throttled_pct: f64,
+    /// Preemptions seen (sampled every tick) and their latency percentiles.
+    pub preempt: PreemptStats,
 }
 
 /// Per-slot utilization, written by the arbiter.
@@ -115,6 +118,7 @@ impl UtilHistory {
             generation,
             busy_pct: pct(busy.saturating_sub(b0)),
             throttled_pct: pct(throttled.saturating_sub(th0)),
+            preempt: PreemptStats::default(),
         }
     }
 }
@@ -167,10 +171,17 @@ impl Drop for Arbiter {
     }
 }
 
-/// One policy tick: snapshot, decide, write the grants that changed.
-pub fn tick_once(board: &Board, roster: &[RosterEntry], policy: &mut dyn Policy, now_ns: u64) {
+/// One policy tick: snapshot, decide, write the grants that changed. Returns the snapshots
+/// taken (slot, snapshot) of the assigned slots.
+pub fn tick_once(
+    board: &Board,
+    roster: &[RosterEntry],
+    policy: &mut dyn Policy,
+    now_ns: u64,
+) -> Vec<(usize, SlotSnapshot)> {
     let mut inputs = Vec::with_capacity(roster.len());
     let mut current = Vec::with_capacity(roster.len());
+    let mut snaps = Vec::with_capacity(roster.len());
     for e in roster {
         let Ok(slot) = board.slot(e.slot) else {
             continue;
@@ -191,6 +202,7 @@ pub fn tick_once(board: &Board, roster: &[RosterEntry], policy: &mut dyn Policy,
             busy_ns: snap.busy_ns,
         });
         current.push((slot, snap.grant));
+        snaps.push((e.slot, snap));
     }
     let grants = policy.decide(now_ns, &inputs);
     for ((slot, old), new) in current.into_iter().zip(grants) {
@@ -199,6 +211,17 @@ pub fn tick_once(board: &Board, roster: &[RosterEntry], policy: &mut dyn Policy,
         }
     }
     board.tick();
+    snaps
+}
+
+/// Records the preemptions the snapshots of one tick show, one ring per slot.
+fn sample_preemptions(rings: &mut HashMap<usize, PreemptRing>, snaps: &[(usize, SlotSnapshot)]) {
+    for (slot, snap) in snaps {
+        let ring = rings.entry(*slot).or_default();
+        if ring.observe(snap.generation, snap.preempt_last_ns) {
+            tracing::trace!(slot, ns = snap.preempt_last_ns, "preemption");
+        }
+    }
 }
 
 fn run(
@@ -213,24 +236,31 @@ fn run(
     let tick_ns = u64::try_from(tick.as_nanos()).unwrap_or(u64::MAX).max(1);
     let sample_ns = u64::try_from(UTIL_SAMPLE.as_nanos()).unwrap_or(u64::MAX);
     let mut histories: HashMap<usize, UtilHistory> = HashMap::new();
+    let mut rings: HashMap<usize, PreemptRing> = HashMap::new();
     let mut next_sample = 0u64;
     let mut deadline = monotonic_ns();
     while !stop.load(Ordering::Relaxed) {
         let now = monotonic_ns();
         let entries = roster.current();
-        tick_once(board, &entries, policy.as_mut(), now);
+        let snaps = tick_once(board, &entries, policy.as_mut(), now);
+        sample_preemptions(&mut rings, &snaps);
         if now >= next_sample {
             next_sample = now + sample_ns;
             histories.retain(|slot, _| entries.iter().any(|e| e.slot == *slot));
+            rings.retain(|slot, _| entries.iter().any(|e| e.slot == *slot));
             let mut table = HashMap::new();
             for e in entries.iter() {
                 if let Ok(slot) = board.slot(e.slot) {
                     let s = slot.snapshot();
                     let h = histories.entry(e.slot).or_default();
-                    table.insert(
-                        e.slot,
-                        h.sample(now, s.generation, s.busy_ns, s.throttled_ns),
-                    );
+                    let mut u = h.sample(now, s.generation, s.busy_ns, s.throttled_ns);
+                    if let Some(r) = rings
+                        .get(&e.slot)
+                        .filter(|r| r.generation() == s.generation)
+                    {
+                        u.preempt = r.stats();
+                    }
+                    table.insert(e.slot, u);
                 }
             }
             util.replace(table);
@@ -310,10 +340,32 @@ mod tests {
     }
 
     #[test]
+    fn preemptions_on_the_board_are_sampled_at_each_tick() {
+        let dir = tempfile::tempdir().unwrap();
+        let board = Board::create(&dir.path().join("board")).unwrap();
+        board.slot(2).unwrap().assign(0, Class::BestEffort);
+        let roster = [entry(2, SliceClass::BestEffort, 10)];
+        let mut p = SharePolicy::new(SharePolicyConfig::default());
+        let mut rings = HashMap::new();
+        for ns in [0, 40_000, 40_000, 90_000, 0] {
+            if ns != 0 {
+                board.slot(2).unwrap().record_preemption(ns);
+            }
+            let snaps = tick_once(&board, &roster, &mut p, 1);
+            assert_eq!(snaps.len(), 1);
+            sample_preemptions(&mut rings, &snaps);
+        }
+        let stats = rings[&2].stats();
+        assert_eq!(stats.count, 2, "40 µs recorded twice in a row is seen once");
+        assert_eq!((stats.p50_ns, stats.p99_ns), (40_000, 90_000));
+    }
+
+    #[test]
     fn arbiter_thread_ticks_the_board_and_stops() {
         let dir = tempfile::tempdir().unwrap();
         let board = Arc::new(Board::create(&dir.path().join("board")).unwrap());
         board.slot(0).unwrap().assign(0, Class::BestEffort);
+        board.slot(0).unwrap().record_preemption(25_000);
         let roster = Arc::new(Roster::default());
         roster.publish(vec![entry(0, SliceClass::BestEffort, 10)]);
         let util = Arc::new(UtilTable::default());
@@ -332,7 +384,9 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(util.get(0, gen).is_some());
+        let u = util.get(0, gen).unwrap();
+        assert_eq!(u.preempt.count, 1);
+        assert_eq!(u.preempt.p99_ns, 25_000);
         assert!(!board.scheduler_stale());
         a.stop();
     }

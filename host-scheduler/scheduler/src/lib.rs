@@ -26,6 +26,7 @@ pub mod arbiter;
 pub mod config;
 pub mod metrics;
 pub mod policy;
+pub mod preempt;
 pub mod registry;
 pub mod service;
 pub mod slice;

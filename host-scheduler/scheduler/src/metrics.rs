@@ -11,6 +11,8 @@
 //! | `vgpu_memory_reclaims_total` | counter | always 0 until elastic memory exists |
 //! | `vgpu_memory_resident_bytes`, `vgpu_memory_swapped_bytes` | gauge | average over the latest reported interval (ledger) |
 //! | `vgpu_busy_ratio` | gauge | GPU busy time over wall time, last second (board) |
+//! | `vgpu_preemption_latency_max_seconds` | gauge | largest preemption latency since attach: grant withdrawn to in-flight work drained (board) |
+//! | `vgpu_preemptions_total` | counter | preemptions since attach (board, sampled every tick: back-to-back ones within a tick count once) |
 //!
 //! GPU seconds, kernels and copies are the larger of the ledger's all-time total (durable, it
 //! survives restarts, but lags by the interval in flight) and the board's live counter (since
@@ -97,6 +99,8 @@ pub fn render(slices: &[(SliceMeter, Option<SliceSummary>)]) -> Result<String, s
     let resident = F64Gauge::default();
     let swapped = F64Gauge::default();
     let busy = F64Gauge::default();
+    let preempt_max = F64Gauge::default();
+    let preemptions = Family::<SliceLabels, Counter>::default();
 
     for (m, summary) in slices {
         let labels = SliceLabels {
@@ -144,6 +148,10 @@ pub fn render(slices: &[(SliceMeter, Option<SliceSummary>)]) -> Result<String, s
         resident.get_or_create(&labels).set(res);
         swapped.get_or_create(&labels).set(swp);
         busy.get_or_create(&labels).set(m.busy_ratio);
+        preempt_max
+            .get_or_create(&labels)
+            .set(board.preempt_max_ns as f64 / NS_PER_S);
+        preemptions.get_or_create(&labels).inc_by(m.preemptions);
     }
 
     let mut registry = Registry::default();
@@ -193,6 +201,17 @@ pub fn render(slices: &[(SliceMeter, Option<SliceSummary>)]) -> Result<String, s
         "GPU busy time of the slice over wall time in the last second (0 to 1)",
         busy,
     );
+    registry.register_with_unit(
+        "vgpu_preemption_latency_max",
+        "Largest preemption latency of the slice since attach: grant withdrawn to in-flight work drained",
+        Unit::Seconds,
+        preempt_max,
+    );
+    registry.register(
+        "vgpu_preemptions",
+        "Preemptions of the slice since attach, sampled every scheduler tick",
+        preemptions,
+    );
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
     Ok(text)
@@ -214,6 +233,7 @@ mod tests {
             board,
             busy_ratio: 0.25,
             restarts: 2,
+            preemptions: 0,
         }
     }
 
@@ -259,6 +279,8 @@ mod tests {
             ("vgpu_memory_resident_bytes", "gauge"),
             ("vgpu_memory_swapped_bytes", "gauge"),
             ("vgpu_busy_ratio", "gauge"),
+            ("vgpu_preemption_latency_max_seconds", "gauge"),
+            ("vgpu_preemptions", "counter"),
         ] {
             assert!(
                 text.contains(&format!("# TYPE {name} {kind}\n")),
@@ -316,6 +338,27 @@ mod tests {
         assert!(
             text.contains(&format!("vgpu_throttled_seconds_total{{{LABELS}}} 0.5\n")),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn preemption_latency_and_count_are_reported_per_slice() {
+        let board = SlotSnapshot {
+            generation: 1,
+            preempt_last_ns: 20_000,
+            preempt_max_ns: 250_000,
+            ..SlotSnapshot::default()
+        };
+        let mut m = meter(Some(board));
+        m.preemptions = 42;
+        let text = render(&[(m, None)]).unwrap();
+        assert_eq!(
+            line(&text, "vgpu_preemption_latency_max_seconds{"),
+            format!("vgpu_preemption_latency_max_seconds{{{LABELS}}} 0.00025")
+        );
+        assert_eq!(
+            line(&text, "vgpu_preemptions_total{"),
+            format!("vgpu_preemptions_total{{{LABELS}}} 42")
         );
     }
 

@@ -329,10 +329,19 @@ impl Core {
                     htod_bytes: snap.htod_bytes,
                     dtoh_bytes: snap.dtoh_bytes,
                     restarts: e.restarts_before + e.backend.as_ref().map_or(0, Backend::restarts),
+                    preempt_last_us: ns_to_us(snap.preempt_last_ns),
+                    preempt_max_us: ns_to_us(snap.preempt_max_ns),
+                    preempt_p50_us: ns_to_us(u.preempt.p50_ns),
+                    preempt_p99_us: ns_to_us(u.preempt.p99_ns),
+                    preemptions: u.preempt.count,
                 })
             })
             .collect()
     }
+}
+
+fn ns_to_us(ns: u64) -> f64 {
+    ns as f64 / 1e3
 }
 
 /// What `/metrics` reports of one slice, from the registry, the board and the supervisor.
@@ -352,6 +361,8 @@ pub struct SliceMeter {
     pub busy_ratio: f64,
     /// Backend restarts, all backends of the slice together.
     pub restarts: u64,
+    /// Preemptions seen since its backend was attached (sampled every tick).
+    pub preemptions: u64,
 }
 
 impl Core {
@@ -365,21 +376,20 @@ impl Core {
                     .and_then(|s| self.board.slot(s).ok())
                     .map(|s| s.snapshot())
                     .filter(|s| s.generation != 0);
-                let busy_pct = match (e.slot, &snap) {
-                    (Some(slot), Some(s)) => self
-                        .util
-                        .get(slot, s.generation)
-                        .map_or(0.0, |u| u.busy_pct),
-                    _ => 0.0,
-                };
+                let util = match (e.slot, &snap) {
+                    (Some(slot), Some(s)) => self.util.get(slot, s.generation),
+                    _ => None,
+                }
+                .unwrap_or_default();
                 SliceMeter {
                     name: e.spec.name.clone(),
                     tenant: e.spec.tenant.clone(),
                     gpu: e.spec.gpu,
                     class: e.spec.class,
                     board: snap,
-                    busy_ratio: busy_pct / 100.0,
+                    busy_ratio: util.busy_pct / 100.0,
                     restarts: e.restarts_before + e.backend.as_ref().map_or(0, Backend::restarts),
+                    preemptions: util.preempt.count,
                 }
             })
             .collect()

@@ -284,6 +284,17 @@ pub struct Util {
     pub dtoh_bytes: u64,
     /// Backend restarts.
     pub restarts: u64,
+    /// The latest preemption latency (grant withdrawn to in-flight work drained), µs; 0 if none.
+    pub preempt_last_us: f64,
+    /// The largest preemption latency since attach, µs; 0 if none.
+    pub preempt_max_us: f64,
+    /// Median preemption latency of the latest 1024 preemptions seen, µs; 0 if none.
+    pub preempt_p50_us: f64,
+    /// 99th percentile preemption latency of the latest 1024 preemptions seen, µs; 0 if none.
+    pub preempt_p99_us: f64,
+    /// Preemptions seen since attach. The scheduler samples the board every tick, so
+    /// back-to-back preemptions within one tick count once.
+    pub preemptions: u64,
 }
 
 #[cfg(test)]
@@ -361,5 +372,58 @@ mod tests {
         assert_eq!(v["name"], "lc");
         assert_eq!(v["memory_limit"], 1u64 << 30);
         assert_eq!(v["restarts"], 0);
+    }
+
+    #[test]
+    fn util_serializes_every_documented_field() {
+        let u = Util {
+            name: "lc".into(),
+            tenant: "acme".into(),
+            gpu: 0,
+            class: SliceClass::LatencyCritical,
+            busy_pct: 41.2,
+            throttled_pct: 0.0,
+            busy: true,
+            running: true,
+            gpu_seconds: 12.5,
+            launches: 100,
+            htod_bytes: 1,
+            dtoh_bytes: 2,
+            restarts: 0,
+            preempt_last_us: 12.5,
+            preempt_max_us: 80.0,
+            preempt_p50_us: 10.0,
+            preempt_p99_us: 75.5,
+            preemptions: 7,
+        };
+        let v = serde_json::to_value(&u).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "busy",
+                "busy_pct",
+                "class",
+                "dtoh_bytes",
+                "gpu",
+                "gpu_seconds",
+                "htod_bytes",
+                "launches",
+                "name",
+                "preempt_last_us",
+                "preempt_max_us",
+                "preempt_p50_us",
+                "preempt_p99_us",
+                "preemptions",
+                "restarts",
+                "running",
+                "tenant",
+                "throttled_pct"
+            ]
+        );
+        assert_eq!(v["preempt_max_us"], 80.0);
+        assert_eq!(v["preempt_p99_us"], 75.5);
+        assert_eq!(v["preemptions"], 7);
     }
 }

@@ -280,6 +280,15 @@ fn scheduler_admits_attaches_restarts_and_persists_slices() {
     assert_eq!(names, ["default", "lc"]);
     assert_eq!(util[1]["restarts"], 1);
     assert_eq!(util[1]["class"], "latency-critical");
+    for field in [
+        "preempt_last_us",
+        "preempt_max_us",
+        "preempt_p50_us",
+        "preempt_p99_us",
+    ] {
+        assert!(util[1][field].is_f64(), "{field} in {util}");
+    }
+    assert!(util[1]["preemptions"].is_u64(), "{util}");
 
     // Delete stops the backend; detach stops it but keeps the slice.
     let (status, v) = request(&sock, "DELETE", "/v1/slices/lc", None);

@@ -160,6 +160,16 @@ pub struct Util {
     pub dtoh_bytes: u64,
     /// Backend restarts.
     pub restarts: u64,
+    /// The latest preemption latency (grant withdrawn to in-flight work drained), µs.
+    pub preempt_last_us: f64,
+    /// The largest preemption latency since attach, µs.
+    pub preempt_max_us: f64,
+    /// Median latency of the latest preemptions seen, µs.
+    pub preempt_p50_us: f64,
+    /// 99th percentile latency of the latest preemptions seen, µs.
+    pub preempt_p99_us: f64,
+    /// Preemptions seen since attach (sampled at the scheduler's tick).
+    pub preemptions: u64,
 }
 
 /// An error answer's body: `{"error": "..."}`.
@@ -226,6 +236,20 @@ mod tests {
         let bare: Slice = serde_json::from_value(json!({"name": "x", "socket": null})).unwrap();
         assert_eq!(bare.socket, None);
         assert!(!bare.attached);
+    }
+
+    #[test]
+    fn util_parses_the_preemption_fields_and_defaults_them() {
+        let u: Util = serde_json::from_value(json!({
+            "name": "lc", "busy_pct": 1.5, "preempt_last_us": 12.0, "preempt_max_us": 90.5,
+            "preempt_p50_us": 10.0, "preempt_p99_us": 80.0, "preemptions": 3
+        }))
+        .unwrap();
+        assert_eq!(u.preempt_max_us, 90.5);
+        assert_eq!(u.preempt_p99_us, 80.0);
+        assert_eq!(u.preemptions, 3);
+        let old: Util = serde_json::from_value(json!({"name": "lc"})).unwrap();
+        assert_eq!((old.preempt_max_us, old.preemptions), (0.0, 0));
     }
 
     #[test]

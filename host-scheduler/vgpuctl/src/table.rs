@@ -84,7 +84,28 @@ pub fn slices_table(slices: &[Slice]) -> String {
     render(&headers, &rows)
 }
 
-/// The `vgpuctl util` table.
+/// A latency in microseconds, humanised: `85µs`, `1.2ms`, `2.50s`.
+pub fn micros(us: f64) -> String {
+    if us < 1_000.0 {
+        format!("{us:.0}µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.1}ms", us / 1e3)
+    } else {
+        format!("{:.2}s", us / 1e6)
+    }
+}
+
+/// The PREEMPT cell: p99 / max preemption latency, `-` for a part not measured.
+fn preempt(u: &Util) -> String {
+    let part = |us: f64| if us > 0.0 { micros(us) } else { "-".to_owned() };
+    if u.preempt_p99_us <= 0.0 && u.preempt_max_us <= 0.0 {
+        "-".to_owned()
+    } else {
+        format!("{}/{}", part(u.preempt_p99_us), part(u.preempt_max_us))
+    }
+}
+
+/// The `vgpuctl util` table. PREEMPT is the p99 / max preemption latency.
 pub fn util_table(utils: &[Util]) -> String {
     let headers = [
         "NAME",
@@ -95,6 +116,7 @@ pub fn util_table(utils: &[Util]) -> String {
         "THROTTLED",
         "STATE",
         "GRANT",
+        "PREEMPT",
         "GPU-TIME",
         "LAUNCHES",
         "HTOD",
@@ -113,6 +135,7 @@ pub fn util_table(utils: &[Util]) -> String {
                 format!("{:.1}%", u.throttled_pct),
                 if u.busy { "busy" } else { "idle" }.to_owned(),
                 if u.running { "run" } else { "held" }.to_owned(),
+                preempt(u),
                 format!("{:.1}s", u.gpu_seconds),
                 u.launches.to_string(),
                 format_size(u.htod_bytes),
@@ -210,6 +233,7 @@ mod tests {
             htod_bytes: 2 << 30,
             dtoh_bytes: 512,
             restarts: 0,
+            ..Util::default()
         };
         let be = Util {
             name: "be".to_owned(),
@@ -217,6 +241,9 @@ mod tests {
             running: false,
             busy: true,
             restarts: 1,
+            preempt_p99_us: 85.4,
+            preempt_max_us: 1_250.0,
+            preemptions: 12,
             ..Util::default()
         };
         let idle = Util {
@@ -228,20 +255,33 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "NAME  TENANT  GPU  CLASS             BUSY   THROTTLED  STATE  GRANT  GPU-TIME  \
-             LAUNCHES  HTOD  DTOH  RESTARTS"
+            "NAME  TENANT  GPU  CLASS             BUSY   THROTTLED  STATE  GRANT  PREEMPT     \
+             GPU-TIME  LAUNCHES  HTOD  DTOH  RESTARTS"
         );
         assert_eq!(
             lines[1],
-            "lc    acme    0    latency-critical  41.2%  0.0%       busy   run    12.5s     \
-             100000    2GiB  512B  0"
+            "lc    acme    0    latency-critical  41.2%  0.0%       busy   run    -           \
+             12.5s     100000    2GiB  512B  0"
         );
         assert_eq!(
             lines[2],
-            "be            0    best-effort       0.0%   0.0%       busy   held   0.0s      \
-             0         0B    0B    1"
+            "be            0    best-effort       0.0%   0.0%       busy   held   85µs/1.2ms  \
+             0.0s      0         0B    0B    1"
         );
         assert!(lines[3].contains(" idle   run "), "{}", lines[3]);
+    }
+
+    #[test]
+    fn preemption_latencies_are_humanised() {
+        assert_eq!(micros(85.4), "85µs");
+        assert_eq!(micros(1_250.0), "1.2ms");
+        assert_eq!(micros(2_500_000.0), "2.50s");
+        let only_max = Util {
+            preempt_max_us: 40.0,
+            ..Util::default()
+        };
+        assert_eq!(preempt(&only_max), "-/40µs");
+        assert_eq!(preempt(&Util::default()), "-");
     }
 
     #[test]

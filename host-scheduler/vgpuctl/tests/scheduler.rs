@@ -21,7 +21,9 @@ const LC_ATTACHED: &str = r#"{"name":"lc","tenant":"acme","gpu":0,"class":"laten
 
 const UTIL: &str = r#"[{"name":"lc","tenant":"acme","gpu":0,"class":"latency-critical",
     "busy_pct":41.2,"throttled_pct":0.0,"busy":true,"running":true,"gpu_seconds":12.5,
-    "launches":100000,"htod_bytes":1073741824,"dtoh_bytes":0,"restarts":0}]"#;
+    "launches":100000,"htod_bytes":1073741824,"dtoh_bytes":0,"restarts":0,
+    "preempt_last_us":40.0,"preempt_max_us":120.0,"preempt_p50_us":35.5,"preempt_p99_us":85.0,
+    "preemptions":12}]"#;
 
 struct Setup {
     fake: FakeScheduler,
@@ -227,11 +229,23 @@ fn util_prints_a_table_or_the_json() {
     assert_ok(&out);
     assert_eq!(
         text(&out.stdout),
-        "NAME  TENANT  GPU  CLASS             BUSY   THROTTLED  STATE  GRANT  GPU-TIME  LAUNCHES  \
-         HTOD  DTOH  RESTARTS\n\
-         lc    acme    0    latency-critical  41.2%  0.0%       busy   run    12.5s     100000    \
-         1GiB  0B    0\n"
+        "NAME  TENANT  GPU  CLASS             BUSY   THROTTLED  STATE  GRANT  PREEMPT     GPU-TIME  \
+         LAUNCHES  HTOD  DTOH  RESTARTS\n\
+         lc    acme    0    latency-critical  41.2%  0.0%       busy   run    85µs/120µs  12.5s     \
+         100000    1GiB  0B    0\n"
     );
+    let out = s.run(&["util", "--json"]);
+    assert_ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in [
+        "preempt_last_us",
+        "preempt_max_us",
+        "preempt_p50_us",
+        "preempt_p99_us",
+        "preemptions",
+    ] {
+        assert!(v[0].get(field).is_some(), "{field} in {v}");
+    }
     let out = s.run(&["util", "--json"]);
     assert_ok(&out);
     assert_eq!(text(&out.stdout), format!("{UTIL}\n"));
