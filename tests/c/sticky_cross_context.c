@@ -1,7 +1,9 @@
 /*
  * Sticky errors stay with their context. Context A faults (vgpu_fault) and gets one
- * more asynchronous launch, whose error the library receives while context B makes a
- * call. Natively: B's calls succeed, cuCtxDestroy(A) succeeds and frees A's memory.
+ * more asynchronous launch, whose error the library receives while context B makes
+ * calls. Natively: B's calls succeed, A's next synchronize returns the sticky error and
+ * every later launch into A fails at once, and cuCtxDestroy(A) succeeds and frees A's
+ * memory.
  *
  * Usage: sticky_cross_context FAULT_PTX SPIN_PTX
  */
@@ -65,14 +67,24 @@ int main(int argc, char **argv) {
 
     require_rc(cuLaunchKernel(fault, 1, 1, 1, 1, 1, 1, 0, NULL, fault_params, NULL),
                "cuLaunchKernel(vgpu_fault) in A");
-    check_rc(cuCtxSynchronize(), CUDA_ERROR_ILLEGAL_ADDRESS, "A's cuCtxSynchronize is sticky");
+    /* Queued behind the fault: natively it may already fail, remoted its error comes later. */
     CUresult rc = cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, NULL, spin_params, NULL);
-    check(rc == CUDA_SUCCESS || rc == CUDA_ERROR_ILLEGAL_ADDRESS, "a launch into A",
+    check(rc == CUDA_SUCCESS || rc == CUDA_ERROR_ILLEGAL_ADDRESS, "a launch into A after the fault",
           "returned %d", (int)rc);
 
     require_rc(cuCtxSetCurrent(b), "cuCtxSetCurrent(B)");
     size_t f = 0;
     check_rc(cuMemGetInfo(&f, &total), CUDA_SUCCESS, "cuMemGetInfo in B");
+    check_rc(cuCtxSynchronize(), CUDA_SUCCESS, "cuCtxSynchronize in B while A is poisoned");
+
+    require_rc(cuCtxSetCurrent(a), "cuCtxSetCurrent(A)");
+    check_rc(cuCtxSynchronize(), CUDA_ERROR_ILLEGAL_ADDRESS, "A's cuCtxSynchronize is sticky");
+    check_rc(cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, NULL, spin_params, NULL),
+             CUDA_ERROR_ILLEGAL_ADDRESS, "a launch into the poisoned A fails at once");
+    check_rc(cuCtxSynchronize(), CUDA_ERROR_ILLEGAL_ADDRESS, "A's error stays sticky");
+
+    require_rc(cuCtxSetCurrent(b), "cuCtxSetCurrent(B)");
+    check_rc(cuMemGetInfo(&f, &total), CUDA_SUCCESS, "cuMemGetInfo in B again");
     check_rc(cuCtxDestroy(a), CUDA_SUCCESS, "cuCtxDestroy(A) of the poisoned context");
     require_rc(cuCtxSetCurrent(b), "cuCtxSetCurrent(B)");
     check_rc(cuCtxSynchronize(), CUDA_SUCCESS, "cuCtxSynchronize in B is not A's error");

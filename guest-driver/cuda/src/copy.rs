@@ -143,7 +143,7 @@ pub(crate) unsafe fn htod_on(
         };
     }
     if !asynchronous {
-        drv.settle()?;
+        drv.settle(ctx)?;
     }
     let chunk = chunk_size(len, drv.staging_capacity())?;
     for (offset, n) in chunks(len, chunk) {
@@ -227,7 +227,7 @@ pub(crate) unsafe fn dtoh_on(
             );
         }
     }
-    drv.settle()
+    drv.settle(ctx)
 }
 
 /// Device to device; `stream` set means async.

@@ -137,20 +137,33 @@ fn create(drv: &Driver, flags: u32) -> CuResult<u64> {
     Ok(handle)
 }
 
-/// `CTX_DESTROY`, then forgets everything the context held.
+/// `CTX_DESTROY`, then forgets everything the context held. Always sent,
+/// even when a sticky error poisoned the context: destroying it is how an
+/// application frees it (natively that succeeds).
 fn destroy(drv: &Driver, ctx: u64) -> CuResult<()> {
     // Context-local storage destructors run while the context still exists.
     crate::export_table::context_destroyed(ctx);
     let req = HandleReq { handle: ctx.into() };
-    let result = drv.call(ctx, 0, &Request::CtxDestroy(req), &mut Vec::new());
-    // The backend frees the context's objects with it; whatever it answered,
-    // the handles are unusable from here on.
-    forget(drv, ctx);
-    result
+    match drv.send(ctx, 0, &Request::CtxDestroy(req), &mut Vec::new()) {
+        // The backend frees the context's objects with it; whatever it
+        // answered, the handles are unusable from here on.
+        Ok(status) => {
+            forget(drv, ctx);
+            status.into_result()
+        }
+        // No backend left to hold anything.
+        Err(Status::DEVICE_UNAVAILABLE) => {
+            forget(drv, ctx);
+            Err(Status::DEVICE_UNAVAILABLE)
+        }
+        // Not delivered: the context still exists and may be destroyed again.
+        Err(status) => Err(status),
+    }
 }
 
 fn forget(drv: &Driver, ctx: u64) {
     lock(&drv.contexts).live.remove(&ctx);
+    drv.forget_errors(ctx);
     lock(&drv.modules).forget_context(ctx);
     drv.streams.forget_context(ctx);
     drv.events.forget_context(ctx);

@@ -131,7 +131,7 @@ fn destroy(event: CUevent) -> CuResult<()> {
     let req = HandleReq {
         handle: entry.backend.into(),
     };
-    let result = drv.call(entry.ctx, 0, &Request::EventDestroy(req), &mut Vec::new());
+    let result = drv.call_release(entry.ctx, &Request::EventDestroy(req), &mut Vec::new());
     if result.is_ok() || result == Err(Status::INVALID_HANDLE) {
         drv.events.remove(event);
     }

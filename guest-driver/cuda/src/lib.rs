@@ -5,7 +5,9 @@
 //! the rest to the backend as virtio-vgpu requests through
 //! [`vgpu_transport`]. Work that native CUDA queues (launches, async copies
 //! and memsets, event records, stream waits) is submitted without waiting;
-//! its errors surface at the next synchronizing call.
+//! its errors surface at the next synchronizing call in its context, and a
+//! sticky one (a faulting kernel) fails every later call in that context
+//! until it is destroyed (see `ctx_errors`).
 //!
 //! Every export is an `unsafe extern "C"` function whose safety contract is
 //! the one the CUDA driver API documents for it: pointer arguments are NULL
@@ -22,6 +24,7 @@ mod capture;
 mod capture_api;
 mod copy;
 mod ctx;
+mod ctx_errors;
 mod device;
 mod errors;
 mod event;

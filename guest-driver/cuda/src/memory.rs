@@ -36,7 +36,7 @@ fn free(dptr: u64) -> CuResult<()> {
     let req = HandleReq {
         handle: dptr.into(),
     };
-    drv.call(ctx, 0, &Request::MemFree(req), &mut Vec::new())
+    drv.call_release(ctx, &Request::MemFree(req), &mut Vec::new())
 }
 
 fn mem_info() -> CuResult<(u64, u64)> {

@@ -270,7 +270,7 @@ pub unsafe extern "C" fn cuModuleUnload(hmod: CUmodule) -> CUresult {
         let req = HandleReq {
             handle: module.into(),
         };
-        drv.call(ctx, 0, &Request::ModuleUnload(req), &mut Vec::new())?;
+        drv.call_release(ctx, &Request::ModuleUnload(req), &mut Vec::new())?;
         lock(&drv.modules).remove_module(module);
         Ok(())
     })

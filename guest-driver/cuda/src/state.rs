@@ -16,6 +16,7 @@ use zerocopy::little_endian::I32;
 use zerocopy::{FromBytes, Immutable, KnownLayout};
 
 use crate::ctx::ContextTable;
+use crate::ctx_errors::ContextErrors;
 use crate::errors::CuResult;
 use crate::handles::HandleTable;
 use crate::logging;
@@ -117,6 +118,8 @@ pub(crate) struct Driver {
     session: u64,
     socket: PathBuf,
     dead: AtomicBool,
+    /// Errors of asynchronous work, per context.
+    errors: Mutex<ContextErrors>,
     /// Device identity and attributes.
     pub info: DeviceInfo,
     /// Live contexts and the primary context.
@@ -262,6 +265,7 @@ impl Driver {
             session: opened.session.get(),
             socket: opts.socket,
             dead: AtomicBool::new(false),
+            errors: Mutex::new(ContextErrors::default()),
             info,
             contexts: Mutex::new(ContextTable::default()),
             modules: Mutex::new(ModuleTable::default()),
@@ -287,16 +291,38 @@ impl Driver {
         status
     }
 
-    /// Returns the first error of earlier asynchronous work, if any.
-    pub(crate) fn settle(&self) -> CuResult<()> {
-        match self.dev.take_async_error() {
+    /// The error table of the contexts, with the asynchronous failures of
+    /// `ctx` the transport received so far moved in.
+    fn errors_of(&self, ctx: u64) -> MutexGuard<'_, ContextErrors> {
+        let mut errors = lock(&self.errors);
+        if let Some(status) = self.dev.take_async_error_of(ctx) {
+            tracing::debug!(ctx, ?status, "asynchronous work failed");
+            errors.record(ctx, status);
+        }
+        errors
+    }
+
+    /// Fails with the sticky error of `ctx` if a fault poisoned it.
+    pub(crate) fn check_sticky(&self, ctx: u64) -> CuResult<()> {
+        match self.errors_of(ctx).sticky(ctx) {
             Some(status) => Err(status),
             None => Ok(()),
         }
     }
 
-    /// Sends a synchronizing request on the submission queue and waits for
-    /// it. A pending asynchronous error is returned first, without sending.
+    /// What a synchronizing call in `ctx` returns for earlier asynchronous
+    /// work: the context's sticky error, or its pending one-time error
+    /// (cleared). Other contexts' errors stay where they are.
+    pub(crate) fn settle(&self, ctx: u64) -> CuResult<()> {
+        match self.errors_of(ctx).take(ctx) {
+            Some(status) => Err(status),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a request in `ctx` and waits for it. A context poisoned by a
+    /// sticky error fails at once, without sending; a pending one-time
+    /// error stays for the next synchronizing call.
     pub(crate) fn call(
         &self,
         ctx: u64,
@@ -304,12 +330,12 @@ impl Driver {
         req: &Request<'_>,
         body: &mut Vec<u8>,
     ) -> CuResult<()> {
-        self.settle()?;
+        self.check_sticky(ctx)?;
         self.call_unchecked(ctx, flags, req, body)
     }
 
-    /// Sends a request and waits for it, leaving any pending asynchronous
-    /// error for the next synchronizing call.
+    /// Sends a request and waits for it, whatever the context's pending
+    /// errors. A sticky answer poisons the context.
     pub(crate) fn call_unchecked(
         &self,
         ctx: u64,
@@ -317,17 +343,34 @@ impl Driver {
         req: &Request<'_>,
         body: &mut Vec<u8>,
     ) -> CuResult<()> {
+        self.send(ctx, flags, req, body)?.into_result()
+    }
+
+    /// Sends a request and waits for it. `Ok` holds the backend's answer
+    /// (a sticky one poisons the context); `Err` a transport failure, after
+    /// which the backend may not have seen the request.
+    pub(crate) fn send(
+        &self,
+        ctx: u64,
+        flags: u32,
+        req: &Request<'_>,
+        body: &mut Vec<u8>,
+    ) -> CuResult<Status> {
         let hdr = header(self.session, ctx, 0, flags);
         let status = self
             .dev
             .call(SUBMISSION_QUEUE, hdr, req, body)
             .map_err(|err| self.transport_failed(err))?;
         tracing::trace!(opcode = req.opcode(), ?status, "call");
-        status.into_result()
+        if status.is_sticky() && ctx != 0 {
+            lock(&self.errors).record(ctx, status);
+        }
+        Ok(status)
     }
 
-    /// [`Driver::call`], then surfaces any asynchronous error that arrived
-    /// while it ran (for requests that create nothing: synchronize, copies).
+    /// A synchronizing request: returns the pending error of `ctx` first,
+    /// without sending; then sends and waits; then returns any asynchronous
+    /// error of `ctx` that arrived meanwhile (synchronize, blocking copies).
     pub(crate) fn call_settled(
         &self,
         ctx: u64,
@@ -335,11 +378,32 @@ impl Driver {
         req: &Request<'_>,
         body: &mut Vec<u8>,
     ) -> CuResult<()> {
-        self.call(ctx, flags, req, body)?;
-        self.settle()
+        self.settle(ctx)?;
+        self.call_unchecked(ctx, flags, req, body)?;
+        self.settle(ctx)
     }
 
-    /// Queues a request without waiting; its failure surfaces later.
+    /// A destroy-style request (`cuStreamDestroy`, `cuMemFree`, ...): always
+    /// sent, so that the backend frees what it names even in a poisoned
+    /// context; the answer (possibly the sticky error) is returned as is.
+    pub(crate) fn call_release(
+        &self,
+        ctx: u64,
+        req: &Request<'_>,
+        body: &mut Vec<u8>,
+    ) -> CuResult<()> {
+        self.call_unchecked(ctx, 0, req, body)
+    }
+
+    /// Drops the asynchronous errors of a destroyed context.
+    pub(crate) fn forget_errors(&self, ctx: u64) {
+        let mut errors = lock(&self.errors);
+        let _ = self.dev.take_async_error_of(ctx);
+        errors.forget(ctx);
+    }
+
+    /// Queues a request without waiting; its failure surfaces later. A
+    /// context poisoned by a sticky error fails at once, as natively.
     pub(crate) fn submit(
         &self,
         ctx: u64,
@@ -347,6 +411,7 @@ impl Driver {
         req: &Request<'_>,
         staging: Option<Staging>,
     ) -> CuResult<()> {
+        self.check_sticky(ctx)?;
         let hdr = header(self.session, ctx, 0, flags);
         tracing::trace!(opcode = req.opcode(), "submit");
         self.dev

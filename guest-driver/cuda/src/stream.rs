@@ -94,7 +94,7 @@ fn destroy(stream: CUstream) -> CuResult<()> {
     let req = HandleReq {
         handle: entry.backend.into(),
     };
-    let result = drv.call(entry.ctx, 0, &Request::StreamDestroy(req), &mut Vec::new());
+    let result = drv.call_release(entry.ctx, &Request::StreamDestroy(req), &mut Vec::new());
     if result.is_ok() || result == Err(Status::INVALID_HANDLE) {
         drv.streams.remove(stream);
         crate::priority::forget_stream(stream);

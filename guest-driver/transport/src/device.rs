@@ -6,13 +6,14 @@
 //! is queue → pinned table → vhost-user control; nothing takes a queue lock
 //! while holding one of the others, and no code path holds two queue locks.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vgpu_spec::wire::ReqHeader;
 use vgpu_spec::{Request, Status, VgpuConfig, MAX_QUEUE_SIZE, NUM_QUEUES};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::async_errors::AsyncErrors;
 use crate::mem::{MemLayout, SharedMem, GUEST_BASE_GPA, REQUEST_QUEUES};
 use crate::pinned::{Pinned, Region};
 use crate::queue::{lock, Counters, Ctx, Queue};
@@ -115,7 +116,7 @@ impl Device {
                 pinned: Mutex::new(Pinned::new(facts.max_mem_slots.saturating_sub(1))),
                 sock_fd,
                 dead: AtomicBool::new(false),
-                async_error: AtomicU32::new(0),
+                async_errors: AsyncErrors::default(),
                 next_id: AtomicU64::new(1),
                 stats: Counters::default(),
             },
@@ -168,8 +169,9 @@ impl Device {
     }
 
     /// Queues a request without waiting. `staging` (if any) is released when
-    /// the device has answered. A non-success answer is remembered; the first
-    /// one is returned (and cleared) by [`take_async_error`](Self::take_async_error).
+    /// the device has answered. A non-success answer is remembered under the
+    /// context named in `header`; the first one of each context is returned
+    /// (and cleared) by [`take_async_error_of`](Self::take_async_error_of).
     /// Kicks only if the device has not set `VRING_USED_F_NO_NOTIFY`.
     pub fn submit(
         &self,
@@ -186,12 +188,17 @@ impl Device {
         q.kick_if_wanted(ctx)
     }
 
-    /// The first failure of an async request since the last call, cleared.
+    /// The earliest pending failure of an async request, whatever its
+    /// context, cleared.
     pub fn take_async_error(&self) -> Option<Status> {
-        match self.ctx.async_error.swap(0, Ordering::AcqRel) {
-            0 => None,
-            s => Some(Status(s)),
-        }
+        self.ctx.async_errors.take_any()
+    }
+
+    /// The first failure of an async request of `context` (the header's
+    /// context field) not yet taken, cleared. Other contexts' failures stay
+    /// pending.
+    pub fn take_async_error_of(&self, context: u64) -> Option<Status> {
+        self.ctx.async_errors.take(context)
     }
 
     /// Makes sure everything submitted has been made visible to the device:

@@ -6,11 +6,13 @@
 //! logger, and never blocks forever on a missing or dead backend: every wait
 //! also watches the vhost-user socket for hang-up.
 //!
-//! Modules: [`ring`] (split virtqueue driver, reusable), `mem` (memfd
+//! Modules: [`ring`] (split virtqueue driver, reusable), `async_errors`
+//! (failed async requests per context), `mem` (memfd
 //! mappings and the guest memory layout), `staging` (bounce-buffer heap),
 //! `pinned` (ADD_MEM_REG regions), `vhost` (handshake), `queue` (request
 //! placement, reaping, waiting), `device` ([`Device`]).
 
+mod async_errors;
 mod device;
 mod error;
 mod mem;

@@ -7,7 +7,7 @@
 //! region added with ADD_MEM_REG for the request's lifetime.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use vgpu_spec::{Request, Status};
 use vmm_sys_util::eventfd::EventFd;
 use zerocopy::FromBytes;
 
+use crate::async_errors::AsyncErrors;
 use crate::mem::{MemLayout, SharedMem, GUEST_BASE_GPA, SLOT_REQ_BYTES, SLOT_RESP_BYTES};
 use crate::pinned::{Pinned, Region};
 use crate::ring::{Segment, SplitRing};
@@ -63,8 +64,8 @@ pub struct Ctx {
     pub pinned: Mutex<Pinned>,
     pub sock_fd: RawFd,
     pub dead: AtomicBool,
-    /// First failed async status not yet taken; 0 for none.
-    pub async_error: AtomicU32,
+    /// Failed async requests not yet reported, per context.
+    pub async_errors: AsyncErrors,
     pub next_id: AtomicU64,
     pub stats: Counters,
 }
@@ -95,14 +96,6 @@ impl Ctx {
             self.mark_dead();
         }
         e
-    }
-
-    fn record_async(&self, status: Status) {
-        if status.0 != 0 {
-            let _ =
-                self.async_error
-                    .compare_exchange(0, status.0, Ordering::AcqRel, Ordering::Acquire);
-        }
     }
 
     /// A temporary region for a buffer too large for staging.
@@ -143,6 +136,8 @@ enum Buf {
 /// A request the device has not answered yet.
 struct InFlight {
     id: u64,
+    /// The context named in the request's header.
+    context: u64,
     slot: usize,
     sync: bool,
     req: Buf,
@@ -272,6 +267,7 @@ impl Queue {
         }
         let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
         header.request_id = id.into();
+        let context = header.context.get();
         // A module image is copied once, straight into place.
         let (prefix, tail): (Request<'_>, &[u8]) = match req {
             Request::ModuleLoad(r, image) => (Request::ModuleLoad(*r, &[]), image),
@@ -281,7 +277,16 @@ impl Queue {
         scratch.clear();
         prefix.encode(header, &mut scratch);
         let total = scratch.len() + tail.len();
-        let result = self.place(ctx, id, &scratch, tail, total, req.opcode(), sync, data);
+        let result = self.place(
+            ctx,
+            (id, context),
+            &scratch,
+            tail,
+            total,
+            req.opcode(),
+            sync,
+            data,
+        );
         self.scratch = scratch;
         result
     }
@@ -290,7 +295,7 @@ impl Queue {
     fn place(
         &mut self,
         ctx: &Ctx,
-        id: u64,
+        (id, context): (u64, u64),
         prefix: &[u8],
         tail: &[u8],
         total: usize,
@@ -348,6 +353,7 @@ impl Queue {
         ];
         let rec = InFlight {
             id,
+            context,
             slot,
             sync,
             req,
@@ -401,9 +407,10 @@ impl Queue {
         Ok(())
     }
 
-    /// Processes every used entry. Async answers record their first failure
-    /// and release their buffers; a sync answer is parked for its waiter
-    /// ([`take_done`](Self::take_done)). Returns the number of entries.
+    /// Processes every used entry. Async answers record their failure under
+    /// the context of their request and release their buffers; a sync answer
+    /// is parked for its waiter ([`take_done`](Self::take_done)). Returns the
+    /// number of entries.
     pub fn reap(&mut self, ctx: &Ctx) -> Result<usize, TransportError> {
         let mut n = 0;
         loop {
@@ -438,13 +445,18 @@ impl Queue {
             }
             match self.response(ctx, &rec, used.len) {
                 Ok((status, _)) if !status.is_success() => {
-                    tracing::debug!(id = rec.id, ?status, "Async request failed");
-                    ctx.record_async(status);
+                    tracing::debug!(
+                        id = rec.id,
+                        context = rec.context,
+                        ?status,
+                        "Async request failed"
+                    );
+                    ctx.async_errors.record(rec.context, status);
                 }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(id = rec.id, "{e}");
-                    ctx.record_async(Status::UNKNOWN);
+                    ctx.async_errors.record(rec.context, Status::UNKNOWN);
                 }
             }
             self.release(ctx, rec);

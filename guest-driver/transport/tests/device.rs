@@ -250,6 +250,27 @@ fn async_failure_is_reported_once_at_next_sync_point() {
 }
 
 #[test]
+fn async_failure_is_kept_for_the_context_of_the_failed_request() {
+    let (_running, dev) = connect("async-error-ctx", 1024);
+    let launch = Request::Launch(
+        LaunchReq {
+            function: mock::BAD_FUNCTION.into(),
+            ..Default::default()
+        },
+        &[],
+    );
+    dev.submit(SUBMISSION_QUEUE, header(7, 2, 0, 0), &launch, None)
+        .unwrap();
+    let mut body = Vec::new();
+    dev.call(SUBMISSION_QUEUE, hdr(), &Request::MemGetInfo, &mut body)
+        .unwrap();
+    assert_eq!(dev.take_async_error_of(1), None);
+    assert_eq!(dev.take_async_error_of(2), Some(Status::LAUNCH_FAILED));
+    assert_eq!(dev.take_async_error_of(2), None);
+    assert_eq!(dev.take_async_error(), None);
+}
+
+#[test]
 fn many_async_requests_on_a_small_ring_wait_for_space() {
     let (running, dev) = connect("small-ring", 8);
     for i in 0..2000u64 {
