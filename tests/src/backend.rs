@@ -33,6 +33,11 @@ impl BackendProcess {
     /// Starts `vgpu-backend --device DEVICE --memory-limit LIMIT` on a fresh
     /// socket and waits until it accepts connections.
     pub fn spawn(device: &str, memory_limit: u64) -> BackendProcess {
+        BackendProcess::spawn_with_args(device, memory_limit, &[])
+    }
+
+    /// [`BackendProcess::spawn`] with extra command-line arguments.
+    pub fn spawn_with_args(device: &str, memory_limit: u64, extra: &[&str]) -> BackendProcess {
         let art = artifacts();
         let dir = TempDir::new("backend");
         let socket = dir.path().join("vgpu.sock");
@@ -47,6 +52,7 @@ impl BackendProcess {
             .arg(&socket)
             .args(["--device", device])
             .args(["--memory-limit", &memory_limit.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err);

@@ -54,6 +54,9 @@ impl SchedulerProcess {
             .stdout(out)
             .stderr(err)
             .env("NO_COLOR", "1")
+            // A faulting guest's sticky checks must finish before its backend stops for a
+            // restart; a debug build on a loaded machine gets more than the default 200 ms.
+            .env("VGPU_FAULT_RESTART_MS", "1000")
             .env(
                 "RUST_LOG",
                 std::env::var("VGPU_TEST_SCHEDULER_LOG").unwrap_or_else(|_| "info".into()),

@@ -204,7 +204,13 @@ fn a_killed_backend_gives_its_guest_device_unavailable_and_is_restarted_while_th
 /// succeeds and frees the context's memory.
 #[test]
 fn a_sticky_error_stays_with_its_context_and_destroying_it_frees_it() {
-    let backend = BackendProcess::spawn_emulated(1 << 30);
+    let backend = BackendProcess::spawn_with_args(
+        "emulated",
+        1 << 30,
+        // The backend would stop 200 ms after the fault (as it must on a real GPU); this test
+        // checks the guest library's per-context bookkeeping, which needs longer.
+        &["--fault-restart-ms", "30000"],
+    );
     let mut cmd = backend.client(&build_c_program("sticky_cross_context"));
     cmd.arg(ptx("vgpu_fault.ptx"))
         .arg(ptx("vgpu_timed_spin.ptx"));

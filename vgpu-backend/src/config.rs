@@ -201,6 +201,9 @@ pub struct BackendConfig {
     pub emulated_gpu_lock: Option<PathBuf>,
     /// The bound on queued GPU work (with a board).
     pub max_inflight: std::time::Duration,
+    /// How long the backend keeps serving after a kernel faulted before it stops for a clean
+    /// restart (its guests collect the sticky error meanwhile).
+    pub fault_restart_after: std::time::Duration,
     /// Where usage is reported; `None`: sessions are metered but nothing is
     /// reported.
     pub metering: Option<crate::reporting::MeteringConfig>,
@@ -231,6 +234,7 @@ impl BackendConfig {
             board: None,
             emulated_gpu_lock: None,
             max_inflight: crate::throttle::DEFAULT_MAX_INFLIGHT,
+            fault_restart_after: crate::server::POISON_GRACE,
             metering: None,
         }
     }

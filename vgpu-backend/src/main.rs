@@ -35,6 +35,15 @@ struct Cli {
     /// (0 disables polling: less CPU, slower back-to-back calls).
     #[arg(long, value_name = "US", default_value_t = 50)]
     poll_us: u64,
+    /// Milliseconds the backend keeps serving after a kernel faulted (which costs the process
+    /// its CUDA state on a real GPU) before it stops so that its supervisor starts a clean one.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 200,
+        env = "VGPU_FAULT_RESTART_MS"
+    )]
+    fault_restart_ms: u64,
     /// The grant board file shared with the scheduler (with --board-slot).
     #[arg(long, value_name = "PATH", requires = "board_slot")]
     board: Option<PathBuf>,
@@ -85,6 +94,7 @@ fn main() -> ExitCode {
     config.uuid = cli.uuid;
     config.max_queue_size = cli.max_queue_size;
     config.poll_after_work = std::time::Duration::from_micros(cli.poll_us);
+    config.fault_restart_after = std::time::Duration::from_millis(cli.fault_restart_ms);
     if let (Some(path), Some(slot)) = (cli.board, cli.board_slot) {
         config = config.board(path, slot);
     }

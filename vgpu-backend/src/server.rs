@@ -267,6 +267,7 @@ impl Backend {
             config.max_queue_size,
         );
         shared.poll_after_work = config.poll_after_work;
+        shared.fault_restart_after = config.fault_restart_after;
         shared.throttle = throttle;
         if config.metering.is_some() {
             shared.meters = Arc::new(MeterRegistry::new(true));
@@ -405,7 +406,7 @@ impl Backend {
             .spawn(move || {
                 while !finished.load(Ordering::Acquire) {
                     if shared.poisoned().is_some() {
-                        thread::sleep(POISON_GRACE);
+                        thread::sleep(shared.fault_restart_after);
                         stop.stop();
                         return;
                     }
@@ -488,8 +489,8 @@ impl Backend {
     }
 }
 
-/// How long a poisoned backend keeps serving before it stops: its guests collect the sticky
-/// error of the work they had queued.
+/// How long a poisoned backend keeps serving before it stops, by default
+/// (`--fault-restart-ms`): its guests collect the sticky error of the work they had queued.
 pub const POISON_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// How often the fault watcher looks.

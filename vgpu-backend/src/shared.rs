@@ -42,6 +42,8 @@ pub struct DeviceShared {
     /// How long a queue is busy-polled after a batch before its worker
     /// sleeps (zero: never).
     pub poll_after_work: std::time::Duration,
+    /// How long a poisoned backend keeps serving before it stops.
+    pub fault_restart_after: std::time::Duration,
     /// The grant board slot (a disabled throttle without one).
     pub throttle: Arc<Throttle>,
     /// Every session's usage meter (kept only while a reporter reads them).
@@ -120,6 +122,7 @@ impl DeviceShared {
             max_sessions,
             max_queue_size,
             poll_after_work: crate::config::DEFAULT_POLL_AFTER_WORK,
+            fault_restart_after: crate::server::POISON_GRACE,
             throttle: Throttle::disabled(),
             meters: Arc::new(MeterRegistry::new(false)),
             poisoned: std::sync::atomic::AtomicU32::new(0),
