@@ -39,6 +39,8 @@ pub struct Inner {
     pub hung: AtomicBool,
     pub acked_features: AtomicU64,
     pub requests: AtomicU64,
+    /// Microseconds each launch keeps the device busy (0: none).
+    pub launch_busy_us: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -59,6 +61,7 @@ impl Mock {
             hung: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            launch_busy_us: AtomicU64::new(0),
         }))
     }
 
@@ -74,6 +77,13 @@ impl Mock {
 
     fn handle(&self, m: &GuestMemoryMmap, bytes: &[u8]) -> Option<Vec<u8>> {
         self.0.requests.fetch_add(1, Ordering::Relaxed);
+        let busy = self.0.launch_busy_us.load(Ordering::Relaxed);
+        if busy > 0 && matches!(Request::decode(bytes), Ok((_, Request::Launch(..)))) {
+            let until = std::time::Instant::now() + std::time::Duration::from_micros(busy);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
         let mut out = Vec::new();
         let (hdr, req) = match Request::decode(bytes) {
             Ok(x) => x,
