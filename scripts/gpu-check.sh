@@ -9,7 +9,8 @@
 # saxpy_reduce with nvcc; start dist/bin/vgpu-backend on cuda:0 (RUST_LOG=info); run
 # tests/c/driver_api_client (if present, VGPU_EXPECT_EXECUTION=1) and
 # tests/gpu/saxpy_reduce natively and through the slice and compare their stdout
-# (identical -> PASS); then bench/run.sh. Logs, the backend's log and the benchmark
+# (identical -> PASS); tests/gpu/cudart_check.sh (nvcc programs with static cudart, native
+# vs slice, when a source tree is beside dist/); then bench/run.sh. Logs, the backend's log and the benchmark
 # result go to $OUT. Each program runs under `timeout` (PROG_TIMEOUT, default 120 s) and
 # the whole run stops starting work once GPU_CHECK_BUDGET (default 540 s) is spent.
 # Exit status: non-zero when any check failed, timed out or could not run.
@@ -282,6 +283,24 @@ if [ -n "$BACKEND_PID" ]; then
     *) record "backend exit on SIGTERM" WARN "status $BACKEND_STATUS" ;;
     esac
     trim_log "$BACKEND_LOGFILE"
+fi
+
+# --- 2b. nvcc programs with the static CUDA runtime (run from a source tree) ---------------
+CUDART_CHECK=$SCRIPT_DIR/../tests/gpu/cudart_check.sh
+if [ ! -f "$CUDART_CHECK" ]; then
+    record "cudart programs" WARN "tests/gpu/cudart_check.sh not found next to $SCRIPT_DIR: not run"
+elif [ "$(time_left)" -lt 60 ]; then
+    record "cudart programs" SKIP "out of time"
+else
+    DIST=$DIST OUT=$LOGS NATIVE_LIB_DIR=$NATIVE_LIB_DIR timeout 150 bash "$CUDART_CHECK" \
+        >"$LOGS/cudart-check.log" 2>&1
+    c_rc=$?
+    c_pass=$(grep -c '^PASS' "$LOGS/cudart-check.log")
+    if [ "$c_rc" -eq 0 ] && [ "$c_pass" -gt 0 ]; then
+        record "cudart programs" PASS "$c_pass nvcc programs, output identical to native"
+    else
+        record "cudart programs" FAIL "logs/cudart-check.log: $(grep -m1 -v '^PASS' "$LOGS/cudart-check.log")"
+    fi
 fi
 
 # --- 3. benchmarks --------------------------------------------------------------------
