@@ -13,7 +13,7 @@
 //! So a report is counted once even when the scheduler is killed mid-request: whatever is not
 //! acknowledged is sent again, and the ledger ignores replays.
 
-mod http;
+pub mod http;
 #[cfg(test)]
 mod tests;
 

@@ -291,62 +291,14 @@ fn tcp_request(
     parse_response(&raw).map_err(TcpError::Other)
 }
 
-/// Parses a whole HTTP/1.1 answer read until the server closed.
+/// Parses a whole HTTP/1.1 answer read until the server closed (the reporter's parser: the
+/// scheduler's API answers both alike).
 fn parse_response(raw: &[u8]) -> Result<ApiResponse, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the answer has no complete HTTP head")?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| "the HTTP head is not UTF-8")?;
-    let rest = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse::<u16>().ok())
-        .filter(|_| status_line.starts_with("HTTP/1."))
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let header = |name: &str| {
-        head.split("\r\n").skip(1).find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    };
-    let body = if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        dechunk(rest)?
-    } else if let Some(length) = header("content-length") {
-        let length: usize = length
-            .parse()
-            .map_err(|_| format!("bad Content-Length {length:?}"))?;
-        rest.get(..length)
-            .ok_or("the connection closed before the whole body came")?
-            .to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(ApiResponse { status, body })
-}
-
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut body = Vec::new();
-    loop {
-        let end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("a chunk size line is cut off")?;
-        let line = std::str::from_utf8(&data[..end]).map_err(|_| "a chunk size is not UTF-8")?;
-        let size_text = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        data = &data[end + 2..];
-        if size == 0 {
-            return Ok(body);
-        }
-        let chunk = data.get(..size).ok_or("a chunk is cut off")?;
-        body.extend_from_slice(chunk);
-        data = data.get(size + 2..).ok_or("a chunk is cut off")?;
-    }
+    let answer = vgpu_ledger::reporter::http::parse(raw)?;
+    Ok(ApiResponse {
+        status: answer.status,
+        body: answer.body,
+    })
 }
 
 #[cfg(test)]

@@ -13,9 +13,11 @@ const MAX_RESPONSE_BYTES: u64 = 1 << 20;
 
 /// An answer.
 #[derive(Debug)]
-pub(crate) struct Response {
-    pub(crate) status: u16,
-    pub(crate) body: Vec<u8>,
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The body, transfer coding removed.
+    pub body: Vec<u8>,
 }
 
 /// Sends one request and reads the whole answer. `on_connected` runs once the connection is
@@ -64,8 +66,9 @@ pub(crate) fn request(
     parse(&raw).map_err(ReporterError::Malformed)
 }
 
-/// Parses a whole answer read until the server closed the connection.
-fn parse(raw: &[u8]) -> Result<Response, String> {
+/// Parses a whole HTTP/1.1 answer read until the server closed the connection (`Connection:
+/// close`): status, and a body delimited by chunked coding, `Content-Length` or the close.
+pub fn parse(raw: &[u8]) -> Result<Response, String> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
