@@ -340,8 +340,8 @@ def report(logs, out):
         entry["survivors"] = survivor_stats(logs, p)
         if scenario == "base":
             base_rate[mode] = entry["survivors"].get("kernels_per_s")
-        elif scenario in ("fault", "kill", "backend-kill"):
-            entry["faulting"] = faulting_stats(logs, p, scenario)
+        elif scenario.removesuffix("-same-slice") in ("fault", "kill", "backend-kill"):
+            entry["faulting"] = faulting_stats(logs, p, scenario.removesuffix("-same-slice"))
         results.append(entry)
     for e in results:
         s = e.get("survivors")

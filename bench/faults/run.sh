@@ -13,6 +13,8 @@
 #                       c is a worker too: the no-fault baseline
 #   vgpu-fault          c is the faulter: runs FAULT_EVERY_MS, then vgpu_fault (kind 0
 #                       illegal address and kind 1 trap, alternately), exits; restarted at once
+#   vgpu-fault-same-slice  the same, but c runs on survivor a's slice (its own connection,
+#                       so its own worker process)
 #   vgpu-kill           c runs normally and is SIGKILLed every KILL_EVERY_S seconds
 #   vgpu-backend-kill   c's *backend* is SIGKILLed every BACKEND_KILL_EVERY_S seconds of
 #                       its uptime; the scheduler restarts it, c restarts on errors
@@ -167,6 +169,7 @@ backend_pid() {
     for f in $(grep -lsaF -e "$sock" -e "$real" /proc/[0-9]*/cmdline 2>/dev/null); do
         cmd=$(tr '\0' ' ' 2>/dev/null <"$f") || continue
         case $cmd in
+        *" --worker "*) ;; # a worker process of that backend, not the backend
         *vgpu-backend*"--socket $sock "* | *vgpu-backend*"--socket $real "*)
             p=${f#/proc/}
             echo "${p%/cmdline}"
@@ -618,6 +621,8 @@ if [ "$(left_s)" -gt $((BASE_SECS + 30)) ] && sched_start; then
     C=vgpu=$SCHED_STATE/slices/c.sock
     run_phase vgpu-base base "$BASE_SECS" "$A" "$B" "$C"
     run_phase vgpu-fault fault "$SECS" "$A" "$B" "$C"
+    # The faulting tenant shares slice a with survivor a (each connection has its own worker).
+    run_phase vgpu-fault-same-slice fault "$SECS" "$A" "$B" "$A"
     run_phase vgpu-kill kill "$SECS" "$A" "$B" "$C"
     run_phase vgpu-backend-kill backend-kill "$SECS" "$A" "$B" "$C"
     sched_stop

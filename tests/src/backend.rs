@@ -130,11 +130,13 @@ impl BackendProcess {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// Kills it with SIGKILL and reaps it.
+    /// Kills it with SIGKILL and reaps it; its worker processes die with it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let workers = crate::children_of(child.id());
             let _ = child.kill();
             let _ = child.wait();
+            crate::wait_until_exited(&workers, std::time::Duration::from_secs(10));
         }
     }
 

@@ -51,6 +51,32 @@ pub fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
     }
 }
 
+/// The children of process `pid` (a backend's worker processes), from `/proc`.
+pub fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// True once `pid` has exited (gone, or a zombie not yet reaped).
+pub fn has_exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits until every process in `pids` has exited.
+pub fn wait_until_exited(pids: &[i32], timeout: Duration) {
+    poll_until(timeout, "the processes to exit", || {
+        pids.iter().all(|&p| has_exited(p)).then_some(())
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

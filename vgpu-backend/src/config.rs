@@ -207,6 +207,31 @@ pub struct BackendConfig {
     /// Where usage is reported; `None`: sessions are metered but nothing is
     /// reported.
     pub metering: Option<crate::reporting::MeteringConfig>,
+    /// How frontend connections are isolated from each other (the binary's default:
+    /// [`Isolation::Process`]; in-process use serves them from threads).
+    pub isolation: Isolation,
+    /// Set in a worker process of a process-isolated backend: it serves one connection on the
+    /// listening socket, slice counters and notification pipe its main process handed it.
+    pub worker: Option<WorkerRole>,
+}
+
+/// How a backend isolates its frontend connections from each other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Isolation {
+    /// Every connection is served by threads of one process, sharing one CUDA process: a
+    /// kernel fault in one connection's session ends the others' too.
+    #[default]
+    Thread,
+    /// Every connection is served by its own worker process with its own CUDA state: a fault
+    /// reaches only that connection.
+    Process,
+}
+
+/// A worker process's place in its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerRole {
+    /// The worker's index: its bit on the grant board and its row in the slice's counters.
+    pub index: usize,
 }
 
 /// Where a backend finds its grant.
@@ -236,6 +261,8 @@ impl BackendConfig {
             max_inflight: crate::throttle::DEFAULT_MAX_INFLIGHT,
             fault_restart_after: crate::server::POISON_GRACE,
             metering: None,
+            isolation: Isolation::Thread,
+            worker: None,
         }
     }
 

@@ -42,8 +42,10 @@ pub mod slice;
 #[cfg(test)]
 mod testutil;
 pub mod throttle;
+pub mod workers;
 
-pub use config::{BackendConfig, ConfigError, DeviceSpec, SliceUuid};
+pub use config::{BackendConfig, ConfigError, DeviceSpec, Isolation, SliceUuid, WorkerRole};
 pub use server::{Backend, Error, RunningBackend, StopHandle};
 pub use slice::SliceMemory;
 pub use throttle::Throttle;
+pub use workers::{PoolStopHandle, WorkerPool};

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vgpu_backend::config::parse_size;
-use vgpu_backend::{Backend, BackendConfig, DeviceSpec, SliceUuid};
+use vgpu_backend::{
+    Backend, BackendConfig, DeviceSpec, Isolation, SliceUuid, WorkerPool, WorkerRole,
+};
 
 /// Serves one GPU slice to guests over a vhost-user socket.
 #[derive(Debug, Parser)]
@@ -73,6 +75,51 @@ struct Cli {
     /// How often usage is reported, in milliseconds (with --scheduler-socket).
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     usage_interval_ms: u64,
+    /// How connections are isolated: "process" serves each connection from its own worker
+    /// process (a kernel fault reaches only that connection); "thread" serves all of them from
+    /// this process.
+    #[arg(long, value_enum, default_value_t = Isolation::Process, env = "VGPU_ISOLATION")]
+    isolation: Isolation,
+    /// With process isolation: worker processes kept ready (device opened) for the next
+    /// connections.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    warm_workers: u64,
+    /// Internal: run as worker N of a process-isolated backend (started by the backend itself).
+    #[arg(long, value_name = "N", hide = true)]
+    worker: Option<usize>,
+}
+
+fn watch_signals(stop: impl FnOnce() + Send + 'static) {
+    if let Err(e) = vgpu_backend::signals::stop_on_signal(stop) {
+        tracing::error!(error = %e, "Cannot start the signal thread; SIGTERM will not stop the backend cleanly");
+    }
+}
+
+/// The main process of a process-isolated backend: its workers are this binary, with the same
+/// arguments, the slice's UUID fixed, and `--worker N`.
+fn run_pool(
+    mut config: BackendConfig,
+    add_uuid: bool,
+    warm: u64,
+) -> Result<(), vgpu_backend::Error> {
+    let exe = std::env::current_exe().map_err(vgpu_backend::Error::Worker)?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let uuid = *config
+        .uuid
+        .get_or_insert_with(|| SliceUuid::generate(&config.slice_name));
+    let command = move |index: usize| {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(&args);
+        if add_uuid {
+            cmd.arg("--uuid").arg(uuid.to_string());
+        }
+        cmd.arg("--worker").arg(index.to_string());
+        cmd
+    };
+    let pool = WorkerPool::new(&config, warm as usize, Box::new(command))?;
+    let stop = pool.stop_handle();
+    watch_signals(move || stop.stop());
+    pool.run()
 }
 
 fn main() -> ExitCode {
@@ -105,12 +152,16 @@ fn main() -> ExitCode {
             .scheduler(socket, tenant)
             .metering_interval(std::time::Duration::from_millis(cli.usage_interval_ms));
     }
-    let result = Backend::new(config).and_then(|backend| {
-        if let Err(e) = vgpu_backend::signals::stop_on_signal(backend.stop_handle()) {
-            tracing::error!(error = %e, "Cannot start the signal thread; SIGTERM will not stop the backend cleanly");
-        }
-        backend.serve()
-    });
+    config.worker = cli.worker.map(|index| WorkerRole { index });
+    let result = if cli.worker.is_none() && cli.isolation == Isolation::Process {
+        run_pool(config, cli.uuid.is_none(), cli.warm_workers)
+    } else {
+        Backend::new(config).and_then(|backend| {
+            let stop = backend.stop_handle();
+            watch_signals(move || stop.stop());
+            backend.serve()
+        })
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

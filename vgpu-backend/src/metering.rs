@@ -236,6 +236,13 @@ impl MeterRegistry {
         }
     }
 
+    /// Numbers sessions from `first` on (a worker process starts where no other worker of its
+    /// slice numbers, so every session of the slice has its own id in the ledger).
+    pub fn numbered_from(self, first: u64) -> MeterRegistry {
+        self.next_id.store(first, Ordering::Relaxed);
+        self
+    }
+
     /// True when a reporter reads the meters.
     pub fn enabled(&self) -> bool {
         self.enabled

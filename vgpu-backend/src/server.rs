@@ -24,6 +24,7 @@ use crate::reporting::UsageReporting;
 use crate::shared::DeviceShared;
 use crate::slice::SliceMemory;
 use crate::throttle::{Monitor, Throttle};
+use crate::workers::WorkerLink;
 
 /// Why a backend could not start or stopped serving.
 #[derive(Debug, Error)]
@@ -86,6 +87,12 @@ pub enum Error {
     /// The usage reporting thread could not be started.
     #[error("Cannot start the usage reporting thread: {0}")]
     Reporting(std::io::Error),
+    /// A worker process could not use what its main process handed it.
+    #[error("Cannot set up the worker process: {0}")]
+    Worker(std::io::Error),
+    /// The worker processes of a process-isolated backend failed.
+    #[error("{0}")]
+    Workers(String),
 }
 
 /// Consecutive accept failures after which the backend gives up.
@@ -100,13 +107,19 @@ fn daemon_error(e: DaemonError) -> Error {
 /// Opens the grant board slot the config names (a disabled throttle
 /// without one).
 pub fn open_throttle(config: &BackendConfig) -> Result<Arc<Throttle>, Error> {
-    match &config.board {
-        Some(b) => Ok(Arc::new(Throttle::open(
+    match (&config.board, config.worker) {
+        (Some(b), Some(w)) => Ok(Arc::new(Throttle::open_worker(
+            &b.path,
+            b.slot,
+            w.index,
+            config.max_inflight,
+        )?)),
+        (Some(b), None) => Ok(Arc::new(Throttle::open(
             &b.path,
             b.slot,
             config.max_inflight,
         )?)),
-        None => Ok(Throttle::disabled()),
+        (None, _) => Ok(Throttle::disabled()),
     }
 }
 
@@ -129,7 +142,11 @@ pub fn open_gpu(config: &BackendConfig, throttle: &Arc<Throttle>) -> Result<Arc<
                 }
                 None => EmulatedClock::unlocked(throttle.clone()),
             };
-            Ok(Arc::new(EmulatedGpu::with_clock(total, clock)))
+            let gpu = EmulatedGpu::with_clock(total, clock);
+            Ok(Arc::new(match config.worker {
+                Some(w) => gpu.for_worker(w.index),
+                None => gpu,
+            }))
         }
         DeviceSpec::Cuda(ordinal) => match crate::gpu::cuda::CudaGpu::open(ordinal) {
             Ok(gpu) => Ok(Arc::new(gpu.with_throttle(throttle.clone()))),
@@ -191,6 +208,8 @@ impl Connections {
 pub struct StopHandle {
     stop: Arc<AtomicBool>,
     socket: PathBuf,
+    /// A worker process: set while it waits for its connection.
+    accepting: Option<Arc<AtomicBool>>,
 }
 
 impl StopHandle {
@@ -198,15 +217,28 @@ impl StopHandle {
     /// frontend, frees what they held, and `serve` returns.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept call; the connection is dropped unserved.
-        let _ = UnixStream::connect(&self.socket);
+        match &self.accepting {
+            // A worker still waiting for its connection holds nothing: it leaves at once (a
+            // wake-up connection would reach whichever process accepts next).
+            Some(accepting) if accepting.load(Ordering::SeqCst) => {
+                tracing::info!("Worker stopped before it was given a connection");
+                std::process::exit(0);
+            }
+            Some(_) => {}
+            // Wake the accept call; the connection is dropped unserved.
+            None => {
+                let _ = UnixStream::connect(&self.socket);
+            }
+        }
     }
 }
 
 /// A bound, not yet serving backend.
 pub struct Backend {
     shared: Arc<DeviceShared>,
-    listener: Listener,
+    listener: Option<Listener>,
+    /// Set in a worker process: serves one connection, then returns.
+    worker: Option<WorkerLink>,
     socket: PathBuf,
     stop: Arc<AtomicBool>,
     connections: Arc<Connections>,
@@ -257,7 +289,15 @@ impl Backend {
         let uuid = config
             .uuid
             .unwrap_or_else(|| SliceUuid::generate(&config.slice_name));
-        let slice = Arc::new(SliceMemory::new(limit));
+        let (slice, worker, inherited) = match config.worker {
+            Some(role) => {
+                let (link, listener, slice) = WorkerLink::inherit(role).map_err(Error::Worker)?;
+                slice.set_limit(limit);
+                (slice, Some(link), Some(listener))
+            }
+            None => (SliceMemory::new(limit), None, None),
+        };
+        let slice = Arc::new(slice);
         let mut shared = DeviceShared::new(
             gpu,
             slice,
@@ -269,21 +309,18 @@ impl Backend {
         shared.poll_after_work = config.poll_after_work;
         shared.fault_restart_after = config.fault_restart_after;
         shared.throttle = throttle;
-        if config.metering.is_some() {
-            shared.meters = Arc::new(MeterRegistry::new(true));
+        let mut meters = MeterRegistry::new(config.metering.is_some());
+        if worker.is_some() {
+            // Each worker numbers its sessions in its own range of 2^20.
+            meters = meters.numbered_from((shared.slice.take_start_number() << 20) + 1);
         }
+        shared.meters = Arc::new(meters);
         let shared = Arc::new(shared);
         let monitor = shared.throttle.spawn_monitor().map_err(Error::Monitor)?;
-        if let Some(dir) = config.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| Error::SocketDir {
-                path: dir.to_owned(),
-                source,
-            })?;
-        }
-        let listener = Listener::new(&config.socket, true).map_err(|source| Error::Listen {
-            path: config.socket.clone(),
-            source,
-        })?;
+        let listener = match inherited {
+            Some(listener) => listener,
+            None => bind(&config.socket)?,
+        };
         tracing::info!(
             slice = %config.slice_name,
             %uuid,
@@ -301,7 +338,8 @@ impl Backend {
         };
         Ok(Backend {
             shared,
-            listener,
+            listener: Some(listener),
+            worker,
             socket: config.socket,
             stop: Arc::new(AtomicBool::new(false)),
             connections: Arc::new(Connections::default()),
@@ -336,6 +374,7 @@ impl Backend {
         StopHandle {
             stop: self.stop.clone(),
             socket: self.socket.clone(),
+            accepting: self.worker.as_ref().map(WorkerLink::accepting),
         }
     }
 
@@ -370,7 +409,11 @@ impl Backend {
     /// the last usage report is sent.
     pub fn serve(mut self) -> Result<(), Error> {
         let watcher = self.watch_for_poison();
-        let result = self.accept_loop();
+        let result = if self.worker.is_some() {
+            self.serve_one()
+        } else {
+            self.accept_loop()
+        };
         drop(watcher);
         // Held connections stop waiting for a grant, so they can close.
         self.shared.throttle.stop();
@@ -425,14 +468,41 @@ impl Backend {
         }
     }
 
+    /// A worker process: accepts one connection, tells its main process (which starts the next
+    /// worker), stops listening, and serves the connection until it ends or the worker is
+    /// stopped.
+    fn serve_one(&mut self) -> Result<(), Error> {
+        let (Some(mut listener), Some(link)) = (self.listener.take(), self.worker.as_ref()) else {
+            return Ok(());
+        };
+        link.ready();
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let device = Arc::new(VgpuDevice::new(self.shared.clone(), mem.clone()));
+        let mut daemon =
+            VhostUserDaemon::new("vgpu-conn".into(), device.clone(), mem).map_err(daemon_error)?;
+        let accepted = daemon.start(&mut listener);
+        link.accepted();
+        drop(listener);
+        accepted.map_err(daemon_error)?;
+        tracing::info!(worker = link.index(), "Frontend connected");
+        self.start_connection(0, daemon, device);
+        while !self.stop.load(Ordering::SeqCst) && self.connections.count() > 0 {
+            thread::sleep(WORKER_POLL);
+        }
+        Ok(())
+    }
+
     fn accept_loop(&mut self) -> Result<(), Error> {
+        let Some(mut listener) = self.listener.take() else {
+            return Ok(());
+        };
         let mut failures = 0u32;
         while !self.stop.load(Ordering::SeqCst) {
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
             let device = Arc::new(VgpuDevice::new(self.shared.clone(), mem.clone()));
             let mut daemon = VhostUserDaemon::new("vgpu-conn".into(), device.clone(), mem)
                 .map_err(daemon_error)?;
-            if let Err(e) = daemon.start(&mut self.listener) {
+            if let Err(e) = daemon.start(&mut listener) {
                 if self.stop.load(Ordering::SeqCst) {
                     break;
                 }
@@ -458,36 +528,68 @@ impl Backend {
             }
             self.connections.reap();
             let id = self.connections.next_id.fetch_add(1, Ordering::Relaxed);
-            if let Some(handle) = daemon.shutdown_handle() {
-                lock(&self.connections.active).insert(id, handle);
-            }
             tracing::info!(connection = id, "Frontend connected");
-            let connections = self.connections.clone();
-            let thread = thread::Builder::new()
-                .name(format!("vgpu-conn-{id}"))
-                .spawn(move || {
-                    match daemon.wait() {
-                        Ok(()) => {}
-                        Err(DaemonError::HandleRequest(
-                            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-                        )) => {}
-                        Err(e) => tracing::warn!(connection = id, error = %e, "Frontend connection failed"),
-                    }
-                    finish_connection(daemon, &device);
-                    lock(&connections.active).remove(&id);
-                    tracing::info!(connection = id, "Frontend disconnected; its sessions are freed");
-                });
-            match thread {
-                Ok(t) => lock(&self.connections.threads).push(t),
-                Err(e) => {
-                    lock(&self.connections.active).remove(&id);
-                    tracing::error!(error = %e, "Cannot start a connection thread");
-                }
-            }
+            self.start_connection(id, daemon, device);
         }
         Ok(())
     }
+
+    /// Serves an accepted connection on its own thread.
+    fn start_connection(
+        &self,
+        id: u64,
+        mut daemon: VhostUserDaemon<Arc<VgpuDevice>>,
+        device: Arc<VgpuDevice>,
+    ) {
+        if let Some(handle) = daemon.shutdown_handle() {
+            lock(&self.connections.active).insert(id, handle);
+        }
+        let connections = self.connections.clone();
+        let thread = thread::Builder::new()
+            .name(format!("vgpu-conn-{id}"))
+            .spawn(move || {
+                match daemon.wait() {
+                    Ok(()) => {}
+                    Err(DaemonError::HandleRequest(
+                        VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                    )) => {}
+                    Err(e) => {
+                        tracing::warn!(connection = id, error = %e, "Frontend connection failed")
+                    }
+                }
+                finish_connection(daemon, &device);
+                lock(&connections.active).remove(&id);
+                tracing::info!(
+                    connection = id,
+                    "Frontend disconnected; its sessions are freed"
+                );
+            });
+        match thread {
+            Ok(t) => lock(&self.connections.threads).push(t),
+            Err(e) => {
+                lock(&self.connections.active).remove(&id);
+                tracing::error!(error = %e, "Cannot start a connection thread");
+            }
+        }
+    }
 }
+
+/// Binds the socket, creating its directory.
+pub(crate) fn bind(socket: &Path) -> Result<Listener, Error> {
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| Error::SocketDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    Listener::new(socket, true).map_err(|source| Error::Listen {
+        path: socket.to_owned(),
+        source,
+    })
+}
+
+/// How often a worker looks whether its connection has ended.
+const WORKER_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How long a poisoned backend keeps serving before it stops, by default
 /// (`--fault-restart-ms`): its guests collect the sticky error of the work they had queued.

@@ -8,8 +8,6 @@
 
 use std::io;
 
-use crate::server::StopHandle;
-
 fn stop_set() -> libc::sigset_t {
     // SAFETY: sigset_t is a plain bit set; all-zero is a valid value that
     // sigemptyset then initializes.
@@ -37,8 +35,9 @@ pub fn block_stop_signals() -> io::Result<()> {
 }
 
 /// Starts a thread that waits for SIGTERM or SIGINT (blocked before with
-/// [`block_stop_signals`]) and then stops the backend through `stop`.
-pub fn stop_on_signal(stop: StopHandle) -> io::Result<()> {
+/// [`block_stop_signals`]) and then stops the backend by calling `stop` (for example
+/// [`crate::StopHandle::stop`]).
+pub fn stop_on_signal(stop: impl FnOnce() + Send + 'static) -> io::Result<()> {
     std::thread::Builder::new()
         .name("vgpu-signals".into())
         .spawn(move || {
@@ -59,7 +58,7 @@ pub fn stop_on_signal(stop: StopHandle) -> io::Result<()> {
                 "SIGINT"
             };
             tracing::info!(signal = name, "Stopping");
-            stop.stop();
+            stop();
         })
         .map(|_| ())
 }

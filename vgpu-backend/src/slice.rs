@@ -1,31 +1,234 @@
 //! The slice's memory accounting, shared by every connection of a backend.
+//!
+//! When each frontend connection is served by its own worker process (see [`crate::workers`]),
+//! the counters live in a shared memory mapping (a memfd the backend's main process creates and
+//! its workers inherit), so the limit holds across all of them. Each worker's bytes are counted
+//! in its own row, under a lock word that names its holder, so when a worker dies (even in the
+//! middle of an update) the main process can take the lock back and recount exactly what the
+//! living workers hold: nothing a dead worker reserved stays lost.
 
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Memory limit and bytes allocated by all sessions of the slice.
-#[derive(Debug)]
-pub struct SliceMemory {
+/// Worker processes whose bytes one slice counts (a row each).
+pub const MAX_WORKERS: usize = vgpu_board::MAX_WORKERS;
+
+/// The lock holder id of the backend's main process (workers are `w + 1`).
+const MAIN_HOLDER: u64 = MAX_WORKERS as u64 + 1;
+
+/// The counters, in the shared mapping (all-zero is a valid, empty state).
+#[repr(C, align(64))]
+struct Counters {
     limit: AtomicU64,
-    used: AtomicU64,
+    /// 0: free; otherwise the holder's id.
+    lock: AtomicU64,
+    /// The sum of `used`, kept under the lock so that reading it needs none.
+    total: AtomicU64,
+    used: [AtomicU64; MAX_WORKERS],
+    /// Workers started so far (numbers their sessions apart).
+    started: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<Counters>() == 576);
+
+impl Counters {
+    fn zeroed() -> Counters {
+        Counters {
+            limit: AtomicU64::new(0),
+            lock: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            used: std::array::from_fn(|_| AtomicU64::new(0)),
+            started: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Where the counters live.
+enum Region {
+    /// In this process only (every connection served by threads of one process).
+    Heap(Box<Counters>),
+    /// In a shared mapping of `len` bytes.
+    Mapped { ptr: NonNull<Counters>, len: usize },
+}
+
+// SAFETY: the mapped counters are only accessed through atomics, and the mapping lives until
+// the region is dropped.
+unsafe impl Send for Region {}
+// SAFETY: as above: shared access is atomic only.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        if let Region::Mapped { ptr, len } = self {
+            // SAFETY: `ptr`/`len` are exactly what mmap returned, and no reference into the
+            // mapping outlives the region.
+            unsafe { libc::munmap(ptr.as_ptr().cast(), *len) };
+        }
+    }
+}
+
+/// Memory limit and bytes allocated by all sessions of the slice.
+pub struct SliceMemory {
+    region: Region,
+    /// This process's row.
+    worker: usize,
+}
+
+impl std::fmt::Debug for SliceMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SliceMemory")
+            .field("limit", &self.limit())
+            .field("used", &self.used())
+            .field("worker", &self.worker)
+            .finish()
+    }
+}
+
+/// Holds the counters' lock; releases it when dropped.
+struct Held<'a>(&'a Counters);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.lock.store(0, Ordering::Release);
+    }
 }
 
 impl SliceMemory {
-    /// A slice with `limit` bytes and nothing allocated.
+    /// A slice with `limit` bytes and nothing allocated, counted in this process only.
     pub fn new(limit: u64) -> Self {
+        let counters = Box::new(Counters::zeroed());
+        counters.limit.store(limit, Ordering::Release);
         SliceMemory {
-            limit: AtomicU64::new(limit),
-            used: AtomicU64::new(0),
+            region: Region::Heap(counters),
+            worker: 0,
         }
+    }
+
+    /// A slice with `limit` bytes whose counters live in a new shared memory file, for the
+    /// backend's main process; workers open the returned descriptor with
+    /// [`SliceMemory::open_shared`].
+    pub fn create_shared(limit: u64) -> io::Result<(SliceMemory, OwnedFd)> {
+        // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd or -1.
+        let raw = unsafe { libc::memfd_create(c"vgpu-slice-memory".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let len = mapping_len();
+        // SAFETY: ftruncate on our own descriptor.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let slice = Self::map(&fd, 0)?;
+        slice.counters().limit.store(limit, Ordering::Release);
+        Ok((slice, fd))
+    }
+
+    /// Opens the shared counters `fd` names, as worker `worker`.
+    pub fn open_shared(fd: &impl AsRawFd, worker: usize) -> io::Result<SliceMemory> {
+        if worker >= MAX_WORKERS {
+            return Err(io::Error::other(format!(
+                "Worker {worker} does not exist (a slice counts {MAX_WORKERS})"
+            )));
+        }
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes a `stat` through a valid pointer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), stat.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fstat succeeded, so the struct is initialised.
+        let size = unsafe { stat.assume_init() }.st_size;
+        if u64::try_from(size).unwrap_or(0) < mapping_len() as u64 {
+            return Err(io::Error::other(format!(
+                "The slice memory file is {size} bytes, too small"
+            )));
+        }
+        Self::map(fd, worker)
+    }
+
+    fn map(fd: &impl AsRawFd, worker: usize) -> io::Result<SliceMemory> {
+        let len = mapping_len();
+        // SAFETY: a fresh shared mapping of a file at least `len` bytes long; the result is
+        // checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<Counters>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        Ok(SliceMemory {
+            region: Region::Mapped { ptr, len },
+            worker,
+        })
+    }
+
+    fn counters(&self) -> &Counters {
+        match &self.region {
+            Region::Heap(c) => c,
+            // SAFETY: a live, page-aligned mapping at least `size_of::<Counters>()` long;
+            // `Counters` is atomics only (every bit pattern valid) and all access is atomic.
+            Region::Mapped { ptr, .. } => unsafe { ptr.as_ref() },
+        }
+    }
+
+    fn lock_as(&self, holder: u64) -> Held<'_> {
+        let c = self.counters();
+        let mut spins = 0u32;
+        while c
+            .lock
+            .compare_exchange_weak(0, holder, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        Held(c)
+    }
+
+    fn lock(&self) -> Held<'_> {
+        self.lock_as(self.worker as u64 + 1)
+    }
+
+    /// A number no other worker of this slice's backend gets (0, 1, 2, ...).
+    pub fn take_start_number(&self) -> u64 {
+        self.counters().started.fetch_add(1, Ordering::AcqRel)
     }
 
     /// The memory limit in bytes.
     pub fn limit(&self) -> u64 {
-        self.limit.load(Ordering::Acquire)
+        self.counters().limit.load(Ordering::Acquire)
     }
 
-    /// Bytes allocated by all sessions.
+    /// Sets the limit (a worker sets the one it clamped to its device; a resize sets a new one).
+    /// Bytes already allocated stay allocated.
+    pub fn set_limit(&self, limit: u64) {
+        self.counters().limit.store(limit, Ordering::Release);
+    }
+
+    /// Bytes allocated by all sessions (of every worker).
     pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Acquire)
+        self.counters().total.load(Ordering::Acquire)
+    }
+
+    /// Bytes allocated by this process's sessions.
+    pub fn used_here(&self) -> u64 {
+        self.counters().used[self.worker].load(Ordering::Acquire)
     }
 
     /// Bytes still available under the limit.
@@ -35,64 +238,68 @@ impl SliceMemory {
 
     /// Reserves `size` bytes if `used + size <= limit`; false otherwise.
     pub fn try_reserve(&self, size: u64) -> bool {
-        let limit = self.limit();
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(size).filter(|total| *total <= limit)
-            })
-            .is_ok()
+        let held = self.lock();
+        let c = held.0;
+        let total = c.total.load(Ordering::Acquire);
+        match total.checked_add(size).filter(|t| *t <= self.limit()) {
+            Some(new_total) => {
+                c.used[self.worker].fetch_add(size, Ordering::AcqRel);
+                c.total.store(new_total, Ordering::Release);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Returns `size` reserved bytes.
     pub fn release(&self, size: u64) {
-        let result = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                Some(used.saturating_sub(size))
-            });
-        if let Ok(before) = result {
-            if before < size {
-                tracing::error!(before, size, "Slice accounting released more than it held");
-            }
+        let held = self.lock();
+        let c = held.0;
+        let mine = c.used[self.worker].load(Ordering::Acquire);
+        if mine < size {
+            tracing::error!(mine, size, "Slice accounting released more than it held");
         }
+        c.used[self.worker].store(mine.saturating_sub(size), Ordering::Release);
+        let total = c.total.load(Ordering::Acquire);
+        c.total
+            .store(total.saturating_sub(size.min(mine)), Ordering::Release);
     }
+
+    /// Forgets everything worker `worker` held (it died: the driver freed its memory), taking
+    /// the lock back if it died holding it. Called by the backend's main process only.
+    pub fn forget_worker(&self, worker: usize) {
+        if worker >= MAX_WORKERS {
+            return;
+        }
+        let c = self.counters();
+        // A dead worker can never release the lock: take it over.
+        let _ = c.lock.compare_exchange(
+            worker as u64 + 1,
+            MAIN_HOLDER,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        let held = if c.lock.load(Ordering::Acquire) == MAIN_HOLDER {
+            Held(c)
+        } else {
+            self.lock_as(MAIN_HOLDER)
+        };
+        let c = held.0;
+        c.used[worker].store(0, Ordering::Release);
+        let sum = c
+            .used
+            .iter()
+            .map(|u| u.load(Ordering::Acquire))
+            .fold(0u64, u64::saturating_add);
+        c.total.store(sum, Ordering::Release);
+    }
+}
+
+/// The shared mapping's length: the counters rounded up to a page.
+fn mapping_len() -> usize {
+    std::mem::size_of::<Counters>().next_multiple_of(4096)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    #[test]
-    fn reserve_respects_the_limit_exactly() {
-        let s = SliceMemory::new(100);
-        assert!(s.try_reserve(60));
-        assert!(!s.try_reserve(41));
-        assert!(s.try_reserve(40));
-        assert_eq!(s.free(), 0);
-        s.release(60);
-        assert_eq!(s.used(), 40);
-        assert_eq!(s.free(), 60);
-    }
-
-    #[test]
-    fn reserve_never_overflows() {
-        let s = SliceMemory::new(u64::MAX);
-        assert!(s.try_reserve(u64::MAX - 1));
-        assert!(!s.try_reserve(2));
-    }
-
-    #[test]
-    fn concurrent_reservations_never_exceed_the_limit() {
-        let s = Arc::new(SliceMemory::new(1000));
-        let threads: Vec<_> = (0..8)
-            .map(|_| {
-                let s = s.clone();
-                std::thread::spawn(move || (0..100).filter(|_| s.try_reserve(3)).count() as u64)
-            })
-            .collect();
-        let granted: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-        assert_eq!(granted, 333);
-        assert_eq!(s.used(), 999);
-    }
-}
+#[path = "slice_tests.rs"]
+mod tests;

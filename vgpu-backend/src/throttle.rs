@@ -76,6 +76,8 @@ pub struct Usage {
 struct BoardSlot {
     board: Board,
     index: usize,
+    /// This process's bit in the slot's busy and waiting masks.
+    worker: usize,
     class: Option<Class>,
 }
 
@@ -156,10 +158,32 @@ impl Throttle {
     /// Opens the board a scheduler created and takes slot `index`: records
     /// our pid, a first heartbeat, and "not busy".
     pub fn open(path: &Path, index: usize, max_inflight: Duration) -> Result<Throttle, BoardError> {
+        Self::open_as(path, index, None, max_inflight)
+    }
+
+    /// Opens slot `index` as worker process `worker` of its backend (the backend's main
+    /// process has recorded its own pid there).
+    pub fn open_worker(
+        path: &Path,
+        index: usize,
+        worker: usize,
+        max_inflight: Duration,
+    ) -> Result<Throttle, BoardError> {
+        Self::open_as(path, index, Some(worker), max_inflight)
+    }
+
+    fn open_as(
+        path: &Path,
+        index: usize,
+        worker: Option<usize>,
+        max_inflight: Duration,
+    ) -> Result<Throttle, BoardError> {
         let board = Board::open(path)?;
         let snapshot = {
-            let slot = board.slot(index)?;
-            slot.set_pid(std::process::id());
+            let slot = board.worker_slot(index, worker.unwrap_or(0))?;
+            if worker.is_none() {
+                slot.set_pid(std::process::id());
+            }
             slot.heartbeat();
             slot.set_busy(false);
             slot.snapshot()
@@ -179,6 +203,7 @@ impl Throttle {
             Some(BoardSlot {
                 board,
                 index,
+                worker: worker.unwrap_or(0),
                 class: snapshot.class,
             }),
             max_inflight,
@@ -205,7 +230,7 @@ impl Throttle {
 
     fn slot(&self) -> Option<Slot<'_>> {
         let b = self.board.as_ref()?;
-        b.board.slot(b.index).ok()
+        b.board.worker_slot(b.index, b.worker).ok()
     }
 
     /// Whether [`Throttle::gate`] would hold the next piece of work now. Callers close their

@@ -8,6 +8,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 /// Slots (attached slices) per board.
 pub const MAX_SLOTS: usize = 64;
 
+/// Worker processes per slot: a backend serves each frontend connection from its own process,
+/// and each of them owns one bit of the slot's busy and waiting masks.
+pub const MAX_WORKERS: usize = 64;
+
 /// Physical GPUs per board.
 pub const MAX_GPUS: usize = 16;
 
@@ -15,7 +19,7 @@ pub const MAX_GPUS: usize = 16;
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"VGPUBRD1");
 
 /// The layout's version.
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 
 /// The file's size: the layout rounded up to whole pages.
 pub(crate) const BOARD_BYTES: u64 = 16 * 1024;
@@ -53,8 +57,8 @@ pub(crate) struct SlotRow {
     pub class: AtomicU32,
     pub grant: AtomicU32,
     pub pid: AtomicU32,
-    pub busy: AtomicU32,
-    pub waiting: AtomicU32,
+    /// Bit w: worker w of the backend has GPU work queued, waiting or in flight.
+    pub busy: AtomicU64,
     pub busy_ns: AtomicU64,
     pub throttled_ns: AtomicU64,
     pub launches: AtomicU64,
@@ -63,6 +67,8 @@ pub(crate) struct SlotRow {
     pub heartbeat_ns: AtomicU64,
     pub preempt_last_ns: AtomicU64,
     pub preempt_max_ns: AtomicU64,
+    /// Bit w: worker w is held back, waiting for its grant.
+    pub waiting: AtomicU64,
     _reserved: [AtomicU64; 3],
 }
 
@@ -77,5 +83,7 @@ pub(crate) struct Layout {
 const _: () = assert!(std::mem::size_of::<Header>() == 128);
 const _: () = assert!(std::mem::size_of::<GpuRow>() == 64);
 const _: () = assert!(std::mem::size_of::<SlotRow>() == 128);
+const _: () = assert!(std::mem::offset_of!(SlotRow, busy) == 24);
+const _: () = assert!(std::mem::offset_of!(SlotRow, waiting) == 96);
 const _: () = assert!(std::mem::size_of::<Layout>() == 128 + 64 * MAX_GPUS + 128 * MAX_SLOTS);
 const _: () = assert!(std::mem::size_of::<Layout>() as u64 <= BOARD_BYTES);

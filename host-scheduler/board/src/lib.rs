@@ -22,13 +22,13 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod layout;
 
 use layout::{GpuRow, Layout, SlotRow, MAGIC, VERSION};
-pub use layout::{MAX_GPUS, MAX_SLOTS};
+pub use layout::{MAX_GPUS, MAX_SLOTS, MAX_WORKERS};
 
 /// How long the scheduler may go without a tick before waiting backends stop waiting.
 pub const STALE_SCHEDULER: Duration = Duration::from_secs(2);
@@ -74,6 +74,9 @@ pub enum BoardError {
     /// A GPU index beyond the board.
     #[error("GPU {0} is beyond the board's {MAX_GPUS} GPUs")]
     NoSuchGpu(u32),
+    /// A worker index beyond a slot's masks.
+    #[error("Worker {0} does not exist (a slot has {MAX_WORKERS})")]
+    NoSuchWorker(usize),
 }
 
 /// A slice's priority class.
@@ -298,17 +301,26 @@ impl Board {
         unsafe { self.map.as_ref() }
     }
 
-    /// One slot.
+    /// One slot, as its worker 0 (a backend serving every connection from one process).
     pub fn slot(&self, index: usize) -> Result<Slot<'_>, BoardError> {
+        self.worker_slot(index, 0)
+    }
+
+    /// One slot, as one of its backend's worker processes: busy and waiting are per worker.
+    pub fn worker_slot(&self, index: usize, worker: usize) -> Result<Slot<'_>, BoardError> {
         let row = self
             .layout()
             .slots
             .get(index)
             .ok_or(BoardError::NoSuchSlot(index))?;
+        if worker >= MAX_WORKERS {
+            return Err(BoardError::NoSuchWorker(worker));
+        }
         Ok(Slot {
             board: self,
             row,
             bit: 1u64 << index,
+            worker: 1u64 << worker,
         })
     }
 
@@ -342,7 +354,10 @@ impl Board {
 pub struct Slot<'a> {
     board: &'a Board,
     row: &'a SlotRow,
+    /// The slot's bit in its GPU's latency-critical mask.
     bit: u64,
+    /// This worker's bit in the slot's busy and waiting masks.
+    worker: u64,
 }
 
 impl std::fmt::Debug for Slot<'_> {
@@ -355,7 +370,7 @@ fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
-fn flag(word: &AtomicU32) -> bool {
+fn flag(word: &AtomicU64) -> bool {
     word.load(Ordering::Acquire) != 0
 }
 
@@ -374,12 +389,12 @@ impl Slot<'_> {
             &r.heartbeat_ns,
             &r.preempt_last_ns,
             &r.preempt_max_ns,
+            &r.busy,
+            &r.waiting,
         ] {
             c.store(0, Ordering::Relaxed);
         }
-        for w in [&r.pid, &r.busy, &r.waiting] {
-            w.store(0, Ordering::Relaxed);
-        }
+        r.pid.store(0, Ordering::Relaxed);
         r.gpu.store(gpu, Ordering::Relaxed);
         r.class.store(class as u32, Ordering::Relaxed);
         r.grant
@@ -404,11 +419,18 @@ impl Slot<'_> {
         self.row.grant.store(grant.encode(), Ordering::Release);
     }
 
-    /// Drops the busy flag and latency-critical bit of a backend that died.
+    /// Drops the busy flags and latency-critical bit of a backend that died (all its workers).
     pub fn clear_busy(&self) {
         self.row.busy.store(0, Ordering::Release);
         self.row.waiting.store(0, Ordering::Release);
         self.drop_lc_bit();
+    }
+
+    /// Drops the busy and waiting flags of one worker process that died; the slot stays busy
+    /// while another worker is.
+    pub fn clear_worker(&self) {
+        self.row.waiting.fetch_and(!self.worker, Ordering::AcqRel);
+        self.set_busy(false);
     }
 
     fn drop_lc_bit(&self) {
@@ -426,19 +448,35 @@ impl Slot<'_> {
         self.row.pid.store(pid, Ordering::Relaxed);
     }
 
-    /// Says whether the backend has GPU work queued, waiting or in flight. A latency-critical
-    /// slot also sets or clears its bit in its GPU's mask, which best-effort slots yield to.
+    /// Says whether this worker has GPU work queued, waiting or in flight; the slot is busy
+    /// while any of its workers is. A latency-critical slot also keeps its bit in its GPU's
+    /// mask, which best-effort slots yield to, set exactly while the slot is busy.
     pub fn set_busy(&self, busy: bool) {
-        let was = self.row.busy.swap(u32::from(busy), Ordering::AcqRel) != 0;
-        if was == busy || self.class() != Some(Class::LatencyCritical) {
+        let before = if busy {
+            self.row.busy.fetch_or(self.worker, Ordering::AcqRel)
+        } else {
+            self.row.busy.fetch_and(!self.worker, Ordering::AcqRel)
+        };
+        let after = if busy {
+            before | self.worker
+        } else {
+            before & !self.worker
+        };
+        if (before == 0) == (after == 0) || self.class() != Some(Class::LatencyCritical) {
             return;
         }
-        if let Some(gpu) = self.board.gpu_row(self.row.gpu.load(Ordering::Relaxed)) {
-            if busy {
-                gpu.lc_busy_mask.fetch_or(self.bit, Ordering::AcqRel);
-            } else {
-                gpu.lc_busy_mask.fetch_and(!self.bit, Ordering::AcqRel);
-            }
+        let Some(gpu) = self.board.gpu_row(self.row.gpu.load(Ordering::Relaxed)) else {
+            return;
+        };
+        if after != 0 {
+            gpu.lc_busy_mask.fetch_or(self.bit, Ordering::AcqRel);
+            return;
+        }
+        gpu.lc_busy_mask.fetch_and(!self.bit, Ordering::AcqRel);
+        // Another worker may have become busy between our update and the clear: its set of the
+        // GPU bit may have been undone by ours, so look again.
+        if self.row.busy.load(Ordering::Acquire) != 0 {
+            gpu.lc_busy_mask.fetch_or(self.bit, Ordering::AcqRel);
         }
     }
 
@@ -501,7 +539,7 @@ impl Slot<'_> {
         }
         let start = Instant::now();
         self.set_busy(true);
-        self.row.waiting.store(1, Ordering::Release);
+        self.row.waiting.fetch_or(self.worker, Ordering::AcqRel);
         shorten_timer_slack();
         loop {
             if self.may_dispatch() {
@@ -520,7 +558,7 @@ impl Slot<'_> {
             }
             std::thread::sleep(NAP);
         }
-        self.row.waiting.store(0, Ordering::Release);
+        self.row.waiting.fetch_and(!self.worker, Ordering::AcqRel);
         let waited = start.elapsed();
         self.add_throttled_ns(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX));
         waited

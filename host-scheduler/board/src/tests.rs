@@ -197,3 +197,72 @@ fn a_stale_scheduler_lets_waiting_backends_go() {
     let waited = s.wait_to_dispatch(Some(Duration::from_secs(10)));
     assert!(waited < Duration::from_secs(10));
 }
+
+#[test]
+fn a_slot_stays_busy_while_any_of_its_workers_is() {
+    let (_dir, b) = board();
+    b.slot(2).unwrap().assign(0, Class::LatencyCritical);
+    let w0 = b.worker_slot(2, 0).unwrap();
+    let w5 = b.worker_slot(2, 5).unwrap();
+    w0.set_busy(true);
+    w5.set_busy(true);
+    assert_eq!(b.lc_busy_mask(0), 1 << 2);
+    w0.set_busy(false);
+    assert!(w0.snapshot().busy, "worker 5 is still busy");
+    assert_eq!(b.lc_busy_mask(0), 1 << 2, "the latency-critical bit stays");
+    w5.set_busy(false);
+    assert!(!w0.snapshot().busy);
+    assert_eq!(b.lc_busy_mask(0), 0);
+}
+
+#[test]
+fn clearing_a_dead_worker_keeps_the_others_flags() {
+    let (_dir, b) = board();
+    b.slot(1).unwrap().assign(0, Class::LatencyCritical);
+    let live = b.worker_slot(1, 3).unwrap();
+    let dead = b.worker_slot(1, 63).unwrap();
+    dead.set_busy(true);
+    dead.clear_worker();
+    assert!(!live.snapshot().busy, "the dead worker's flag is gone");
+    assert_eq!(b.lc_busy_mask(0), 0);
+    live.set_busy(true);
+    dead.set_busy(true);
+    dead.clear_worker();
+    assert!(live.snapshot().busy);
+    assert_eq!(b.lc_busy_mask(0), 1 << 1);
+}
+
+#[test]
+fn workers_beyond_the_mask_are_refused() {
+    let (_dir, b) = board();
+    assert!(b.worker_slot(0, MAX_WORKERS - 1).is_ok());
+    assert!(matches!(
+        b.worker_slot(0, MAX_WORKERS),
+        Err(BoardError::NoSuchWorker(64))
+    ));
+}
+
+#[test]
+fn concurrent_workers_leave_the_latency_critical_bit_matching_the_busy_mask() {
+    let (_dir, b) = board();
+    b.slot(4).unwrap().assign(0, Class::LatencyCritical);
+    let b = &b;
+    std::thread::scope(|s| {
+        for w in 0..4 {
+            s.spawn(move || {
+                let slot = b.worker_slot(4, w).unwrap();
+                for i in 0..20_000 {
+                    slot.set_busy(true);
+                    // Worker 0 ends busy, the others idle.
+                    if w != 0 || i + 1 < 20_000 {
+                        slot.set_busy(false);
+                    }
+                }
+            });
+        }
+    });
+    assert!(b.slot(4).unwrap().snapshot().busy);
+    assert_eq!(b.lc_busy_mask(0), 1 << 4, "busy, so marked");
+    b.worker_slot(4, 0).unwrap().set_busy(false);
+    assert_eq!(b.lc_busy_mask(0), 0);
+}

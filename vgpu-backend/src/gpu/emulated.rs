@@ -187,6 +187,17 @@ impl EmulatedGpu {
         }
     }
 
+    /// Starts this device's addresses `1 TiB × index` above the usual base, so that the worker
+    /// processes of one slice (each with its own emulated device) never hand out the same
+    /// address: a pointer from another worker's session is foreign here, as it is in one process.
+    pub fn for_worker(self, index: usize) -> EmulatedGpu {
+        let offset = (index as u64) << 40;
+        self.shared
+            .next_address
+            .store(ADDRESS_BASE + offset, Ordering::Release);
+        self
+    }
+
     /// Bytes of device memory currently allocated by all contexts.
     pub fn mem_used(&self) -> u64 {
         self.shared.used.load(Ordering::Acquire)
