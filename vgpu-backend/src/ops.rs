@@ -7,7 +7,7 @@ use vgpu_spec::wire::{
 };
 use vgpu_spec::{Request, Status};
 
-use crate::gpu::LaunchConfig;
+use crate::gpu::{LaunchConfig, OccupancyQuery};
 use crate::guest::{host_buffers, GuestMemoryMmap};
 use crate::reply::Reply;
 use crate::session::{fresh_handle, layout_end, Function, Owned, Session};
@@ -154,6 +154,34 @@ impl Session {
                 self.gpu_context(e.context)?.event_destroy(e.raw)?;
                 self.events.remove(&handle);
                 Ok(Reply::Empty)
+            }
+            Request::FuncGetAttribute(r) => {
+                let (ctx, raw) = self.function_raw(r.function.get())?;
+                let value = self
+                    .gpu_context(ctx)?
+                    .func_get_attribute(raw, r.attrib.get())?;
+                Ok(Reply::Value(value.into()))
+            }
+            Request::FuncSetAttribute(r) => {
+                let (ctx, raw) = self.function_raw(r.function.get())?;
+                let ctx = self.gpu_context(ctx)?;
+                ctx.func_set_attribute(raw, r.attrib.get(), r.value.get())?;
+                Ok(Reply::Empty)
+            }
+            Request::FuncOccupancy(r) => {
+                let (ctx, raw) = self.function_raw(r.function.get())?;
+                let query = OccupancyQuery {
+                    kind: r.query.get(),
+                    flags: r.flags.get(),
+                    config: LaunchConfig {
+                        grid: r.grid.map(|v| v.get()),
+                        block: r.block.map(|v| v.get()),
+                        shared_mem: r.shared_mem.get(),
+                    },
+                    cluster: r.cluster.map(|v| v.get()),
+                    num_blocks: r.num_blocks.get(),
+                };
+                Ok(Reply::Value(self.gpu_context(ctx)?.occupancy(raw, &query)?))
             }
         }
     }
@@ -311,6 +339,15 @@ impl Session {
             dptr: dptr.into(),
             size: size.into(),
         }))
+    }
+
+    /// The owning context and executor handle of a function.
+    fn function_raw(&self, function: u64) -> Result<(u64, crate::gpu::RawHandle), Status> {
+        let f = self
+            .functions
+            .get(&function)
+            .ok_or(Status::INVALID_HANDLE)?;
+        Ok((f.context, f.raw))
     }
 
     fn launch(&mut self, r: &LaunchReq, params: &[u8]) -> OpResult {

@@ -3,7 +3,7 @@
 use vgpu_spec::response;
 use vgpu_spec::wire::{
     DeviceInfoResp, ElapsedResp, FunctionResp, GlobalResp, HandleResp, MemInfoResp, ParamInfo,
-    SessionOpenResp,
+    SessionOpenResp, ValueResp,
 };
 use vgpu_spec::Status;
 use zerocopy::little_endian::I32;
@@ -33,6 +33,8 @@ pub enum Reply {
     Elapsed(f32),
     /// Device identity and attribute table.
     DeviceInfo(DeviceInfoResp, Vec<I32>),
+    /// A function attribute or occupancy answer ([`ValueResp`]).
+    Value(i64),
 }
 
 /// Encodes a request's outcome into `out` (cleared first). Failures carry a
@@ -87,6 +89,15 @@ pub fn encode(result: Result<Reply, Status>, request_id: u64, out: &mut Vec<u8>)
         Ok(Reply::DeviceInfo(resp, attrs)) => {
             response::encode(ok, request_id, &resp, attrs.as_bytes(), out)
         }
+        Ok(Reply::Value(value)) => response::encode(
+            ok,
+            request_id,
+            &ValueResp {
+                value: value.into(),
+            },
+            &[],
+            out,
+        ),
     }
 }
 
@@ -103,6 +114,16 @@ mod tests {
         assert_eq!(r.status(), Status::INVALID_HANDLE);
         assert_eq!(r.header.request_id.get(), 42);
         assert!(r.body.is_empty());
+    }
+
+    #[test]
+    fn value_is_sent_as_a_signed_64_bit_integer() {
+        let mut out = Vec::new();
+        encode(Ok(Reply::Value(-3)), 1, &mut out);
+        let r = Response::decode(&out).unwrap();
+        let (v, rest) = r.fixed::<ValueResp>().unwrap();
+        assert_eq!(v.value.get(), -3);
+        assert!(rest.is_empty());
     }
 
     #[test]

@@ -112,6 +112,12 @@ pub enum Request<'a> {
     EventElapsed(EventElapsedReq),
     /// `EVENT_DESTROY`.
     EventDestroy(HandleReq),
+    /// `FUNC_GET_ATTRIBUTE`.
+    FuncGetAttribute(FuncAttributeReq),
+    /// `FUNC_SET_ATTRIBUTE`.
+    FuncSetAttribute(FuncAttributeReq),
+    /// `FUNC_OCCUPANCY`.
+    FuncOccupancy(OccupancyReq),
 }
 
 /// Reads a fixed struct from the front of `bytes`.
@@ -302,6 +308,9 @@ impl<'a> Request<'a> {
             op::EVENT_QUERY => Request::EventQuery(only(b)?),
             op::EVENT_ELAPSED => Request::EventElapsed(only(b)?),
             op::EVENT_DESTROY => Request::EventDestroy(only(b)?),
+            op::FUNC_GET_ATTRIBUTE => Request::FuncGetAttribute(only(b)?),
+            op::FUNC_SET_ATTRIBUTE => Request::FuncSetAttribute(only(b)?),
+            op::FUNC_OCCUPANCY => Request::FuncOccupancy(only(b)?),
             other => return Err(DecodeError::UnknownOpcode(other)),
         })
     }
@@ -339,6 +348,9 @@ impl<'a> Request<'a> {
             Request::EventQuery(_) => op::EVENT_QUERY,
             Request::EventElapsed(_) => op::EVENT_ELAPSED,
             Request::EventDestroy(_) => op::EVENT_DESTROY,
+            Request::FuncGetAttribute(_) => op::FUNC_GET_ATTRIBUTE,
+            Request::FuncSetAttribute(_) => op::FUNC_SET_ATTRIBUTE,
+            Request::FuncOccupancy(_) => op::FUNC_OCCUPANCY,
         }
     }
 
@@ -387,6 +399,8 @@ impl<'a> Request<'a> {
             Request::EventCreate(r) => put(out, r),
             Request::EventRecord(r) => put(out, r),
             Request::EventElapsed(r) => put(out, r),
+            Request::FuncGetAttribute(r) | Request::FuncSetAttribute(r) => put(out, r),
+            Request::FuncOccupancy(r) => put(out, r),
         }
     }
 
@@ -542,8 +556,27 @@ mod tests {
                 end: 7.into(),
             }),
             Request::EventDestroy(h(6)),
+            Request::FuncGetAttribute(FuncAttributeReq {
+                function: 9.into(),
+                attrib: 4.into(),
+                value: 0.into(),
+            }),
+            Request::FuncSetAttribute(FuncAttributeReq {
+                function: 9.into(),
+                attrib: 8.into(),
+                value: 100_000.into(),
+            }),
+            Request::FuncOccupancy(OccupancyReq {
+                function: 9.into(),
+                query: crate::wire::occupancy::MAX_ACTIVE_CLUSTERS.into(),
+                grid: [132.into(), 1.into(), 1.into()],
+                block: [384.into(), 1.into(), 1.into()],
+                cluster: [2.into(), 1.into(), 1.into()],
+                shared_mem: 200_000.into(),
+                ..OccupancyReq::default()
+            }),
         ];
-        assert_eq!(cases.len(), 29);
+        assert_eq!(cases.len(), 32);
         for req in cases {
             round_trip(req.clone(), 0);
             round_trip(req, FLAG_ASYNC);

@@ -4,7 +4,7 @@
 //! integers (alignment 1, so no padding and no alignment demands on guest
 //! buffers), and its size is asserted at compile time.
 
-use zerocopy::little_endian::{I32, U32, U64};
+use zerocopy::little_endian::{I32, I64, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 macro_rules! wire {
@@ -87,10 +87,32 @@ pub mod op {
     /// Destroy an event.
     pub const EVENT_DESTROY: u32 = 0x0605;
 
+    /// Read a `CUfunction_attribute` of a function.
+    pub const FUNC_GET_ATTRIBUTE: u32 = 0x0700;
+    /// Set a `CUfunction_attribute` of a function.
+    pub const FUNC_SET_ATTRIBUTE: u32 = 0x0701;
+    /// An occupancy calculation for a function ([`super::occupancy`]).
+    pub const FUNC_OCCUPANCY: u32 = 0x0702;
+
     /// True for opcodes that belong on the control queue.
     pub fn is_control(opcode: u32) -> bool {
         opcode < 0x100
     }
+}
+
+/// `FUNC_OCCUPANCY` queries: which `cuOccupancy*` call to answer.
+pub mod occupancy {
+    /// `cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags`: uses
+    /// `block[0]` (threads per block), `shared_mem` and `flags`.
+    pub const MAX_ACTIVE_BLOCKS_PER_SM: u32 = 1;
+    /// `cuOccupancyAvailableDynamicSMemPerBlock`: uses `num_blocks` and
+    /// `block[0]`.
+    pub const AVAILABLE_DYNAMIC_SMEM_PER_BLOCK: u32 = 2;
+    /// `cuOccupancyMaxActiveClusters`: uses the launch geometry (`grid`,
+    /// `block`, `shared_mem`) and `cluster` (all zero: none given).
+    pub const MAX_ACTIVE_CLUSTERS: u32 = 3;
+    /// `cuOccupancyMaxPotentialClusterSize`: as `MAX_ACTIVE_CLUSTERS`.
+    pub const MAX_POTENTIAL_CLUSTER_SIZE: u32 = 4;
 }
 
 /// Request flag: execute asynchronously on the request's stream. The device
@@ -413,5 +435,49 @@ wire! {
         driver_version: U32,
         /// Number of attribute values that follow.
         attr_count: U32,
+    }
+}
+
+wire! {
+    /// `FUNC_GET_ATTRIBUTE` / `FUNC_SET_ATTRIBUTE` body.
+    FuncAttributeReq (16) {
+        /// Function handle.
+        function: U64,
+        /// `CUfunction_attribute`.
+        attrib: I32,
+        /// The value to set; zero on `FUNC_GET_ATTRIBUTE`.
+        value: I32,
+    }
+}
+
+wire! {
+    /// `FUNC_OCCUPANCY` body.
+    OccupancyReq (64) {
+        /// Function handle.
+        function: U64,
+        /// One of [`occupancy`].
+        query: U32,
+        /// `CUoccupancy_flags` (`MAX_ACTIVE_BLOCKS_PER_SM` only).
+        flags: U32,
+        /// Grid dimensions.
+        grid: [U32; 3],
+        /// Block dimensions.
+        block: [U32; 3],
+        /// Cluster dimensions, all zero when the launch sets none.
+        cluster: [U32; 3],
+        /// Dynamic shared memory bytes per block.
+        shared_mem: U32,
+        /// Blocks per multiprocessor (`AVAILABLE_DYNAMIC_SMEM_PER_BLOCK`).
+        num_blocks: U32,
+        /// Reserved, zero.
+        _pad: U32,
+    }
+}
+
+wire! {
+    /// `FUNC_GET_ATTRIBUTE` / `FUNC_OCCUPANCY` response.
+    ValueResp (8) {
+        /// The attribute's value or the query's answer.
+        value: I64,
     }
 }

@@ -16,15 +16,36 @@ pub(crate) type CuResult<T> = Result<T, Status>;
 
 /// Runs an export's body, turning its result into a `CUresult`. A panic
 /// (which would abort the process at the C boundary) becomes
-/// `CUDA_ERROR_UNKNOWN` instead.
+/// `CUDA_ERROR_UNKNOWN` instead. A failed call is logged at debug level
+/// with the source location of the export that ran it (`VGPU_LOG=debug`),
+/// so a log shows which entry point returned what; with logging off this
+/// costs one relaxed load.
+#[track_caller]
 pub(crate) fn guard(body: impl FnOnce() -> CuResult<()>) -> CUresult {
-    match catch_unwind(AssertUnwindSafe(body)) {
+    let rc = match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => Status::SUCCESS.0,
         Ok(Err(status)) => status.0,
         Err(_) => {
             crate::logging::report_once("Internal error: a driver API call panicked");
             Status::UNKNOWN.0
         }
+    };
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        let at = std::panic::Location::caller();
+        crate::logging::safely(|| log_result(at, Status(rc)));
+    }
+    rc
+}
+
+/// Logs a call's result: every call at trace level (`VGPU_LOG=trace` is a
+/// call trace), failures at debug level, except the answers that are part
+/// of normal operation (`NOT_READY` from queries).
+fn log_result(at: &std::panic::Location<'_>, status: Status) {
+    let name = status.name().unwrap_or("unknown status");
+    if status == Status::SUCCESS || status == Status::NOT_READY {
+        tracing::trace!(at = %at, status = status.0, "{name}");
+    } else {
+        tracing::debug!(at = %at, status = status.0, "call failed: {name}");
     }
 }
 

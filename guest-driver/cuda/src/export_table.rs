@@ -66,6 +66,7 @@ const fn size_slot(slots: usize) -> *const c_void {
 
 /// An unimplemented slot: logs its table and index once and refuses.
 extern "C" fn unknown_slot<const TABLE: u32, const SLOT: usize>() -> CUresult {
+    logging::safely(|| tracing::debug!("export table {TABLE:08x} slot {SLOT}: not supported"));
     logging::warn_once(&format!(
         "export table {TABLE:08x} slot {SLOT} is not supported"
     ));

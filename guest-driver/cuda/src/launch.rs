@@ -16,8 +16,8 @@ use crate::module::FunctionInfo;
 use crate::state::{driver, lock};
 use crate::stream::backend_stream;
 use crate::types::{
-    CUfunction, CUresult, CUstream, CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
-    CU_LAUNCH_PARAM_BUFFER_POINTER, CU_LAUNCH_PARAM_BUFFER_SIZE, CU_LAUNCH_PARAM_END,
+    CUfunction, CUresult, CUstream, CU_LAUNCH_PARAM_BUFFER_POINTER, CU_LAUNCH_PARAM_BUFFER_SIZE,
+    CU_LAUNCH_PARAM_END,
 };
 
 /// The most option keys an `extra` array may hold before its end marker.
@@ -203,7 +203,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     })
 }
 
-/// `cuFuncGetAttribute`: only `MAX_THREADS_PER_BLOCK` (1024) for now.
+/// `cuFuncGetAttribute`: the backend device's answer.
 #[no_mangle]
 pub unsafe extern "C" fn cuFuncGetAttribute(
     pi: *mut c_int,
@@ -211,18 +211,11 @@ pub unsafe extern "C" fn cuFuncGetAttribute(
     hfunc: CUfunction,
 ) -> CUresult {
     guard(|| {
-        let drv = driver()?;
+        driver()?;
         non_null(pi)?;
-        let hfunc = crate::library::as_function(hfunc)?;
-        if lock(&drv.modules).function(hfunc).is_none() {
-            return Err(Status::INVALID_HANDLE);
-        }
-        if attrib != CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK {
-            crate::logging::warn_once(&format!("cuFuncGetAttribute({attrib}) is not supported"));
-            return Err(Status::NOT_SUPPORTED);
-        }
+        let value = crate::func_query::get_attribute(hfunc, attrib)?;
         // SAFETY: non-null, and per the API a writable `int`.
-        unsafe { write_out(pi, 1024) }
+        unsafe { write_out(pi, value) }
     })
 }
 

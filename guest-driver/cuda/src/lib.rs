@@ -29,6 +29,7 @@ mod device;
 mod errors;
 mod event;
 mod export_table;
+mod func_query;
 mod graph;
 mod handles;
 mod image;

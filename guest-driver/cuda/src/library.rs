@@ -30,12 +30,22 @@ pub type CUkernel = *mut c_void;
 
 /// `CU_MODULE_EAGER_LOADING`.
 const CU_MODULE_EAGER_LOADING: c_int = 1;
-/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
-const ATTR_MAX_DYNAMIC_SHARED: c_int = 8;
-/// `CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT`.
-const ATTR_CARVEOUT: c_int = 9;
-/// Dynamic shared memory every kernel may use without opting in.
-const DEFAULT_DYNAMIC_SHARED: c_int = 48 * 1024;
+/// `CU_MODULE_LAZY_LOADING`.
+const CU_MODULE_LAZY_LOADING: c_int = 2;
+
+/// Whether a `CUDA_MODULE_LOADING` value asks for lazy loading: anything
+/// but `EAGER` does, as natively (lazy is the default since CUDA 12.2).
+fn lazy_from(value: Option<&str>) -> bool {
+    !value.is_some_and(|v| v.trim().eq_ignore_ascii_case("EAGER"))
+}
+
+/// Whether libraries are loaded into a context only when first used.
+/// cuBLASLt registers over a thousand fatbins, most of them for other
+/// architectures; loading each eagerly would ship them all to the backend.
+fn lazy_loading() -> bool {
+    static LAZY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LAZY.get_or_init(|| lazy_from(std::env::var("CUDA_MODULE_LOADING").ok().as_deref()))
+}
 
 struct Library {
     /// The sized image (PTX with its NUL).
@@ -176,8 +186,24 @@ pub(crate) fn forget_context(ctx: u64) {
     }
 }
 
-/// Registers a library for a sized image; loads it into the current
-/// context, if any, so that a bad image fails here.
+/// Whether a library whose load into a context failed with `status` is
+/// kept, to fail only when one of its kernels or globals is used: the
+/// native driver loads libraries lazily, so a fatbin with no code for this
+/// device (cuBLAS ships some built only for other architectures) loads
+/// fine until something in it is needed.
+fn load_failure_is_deferred(status: Status) -> bool {
+    matches!(
+        status,
+        Status::NO_BINARY_FOR_GPU | Status::INVALID_PTX | UNSUPPORTED_PTX_VERSION
+    )
+}
+
+/// `CUDA_ERROR_UNSUPPORTED_PTX_VERSION` (not in the protocol's table).
+const UNSUPPORTED_PTX_VERSION: Status = Status(222);
+
+/// Registers a library for a sized image. With eager loading, loads it into
+/// the current context, if any, so that a bad image fails here (unless the
+/// failure is one the native driver would only report on first use).
 fn register(image: Vec<u8>) -> CuResult<usize> {
     let boxed = Box::new(Library {
         image,
@@ -185,10 +211,22 @@ fn register(image: Vec<u8>) -> CuResult<usize> {
     });
     let lib = addr_of(&*boxed);
     lock(&TABLES).libraries.insert(lib, boxed);
+    if lazy_loading() {
+        return Ok(lib);
+    }
     if let Some(ctx) = current() {
-        if let Err(status) = module_in(lib, ctx) {
-            lock(&TABLES).libraries.remove(&lib);
-            return Err(status);
+        match module_in(lib, ctx) {
+            Ok(_) => {}
+            Err(status) if load_failure_is_deferred(status) => {
+                tracing::debug!(
+                    status = status.0,
+                    "library kept unloaded: its code does not fit this device"
+                );
+            }
+            Err(status) => {
+                lock(&TABLES).libraries.remove(&lib);
+                return Err(status);
+            }
         }
     }
     Ok(lib)
@@ -432,9 +470,8 @@ pub unsafe extern "C" fn cuKernelGetAttribute(
     })
 }
 
-/// `cuKernelSetAttribute`: the shared-memory carveout is a hint and is
-/// accepted; dynamic shared memory up to the default 48 KiB is accepted;
-/// anything else is not supported.
+/// `cuKernelSetAttribute`: set on the kernel's function in the current
+/// context (the device must be 0).
 #[no_mangle]
 pub unsafe extern "C" fn cuKernelSetAttribute(
     attrib: c_int,
@@ -444,17 +481,8 @@ pub unsafe extern "C" fn cuKernelSetAttribute(
 ) -> CUresult {
     guard(|| {
         crate::device::check_device(dev)?;
-        kernel_function(kernel.addr())?;
-        match attrib {
-            ATTR_CARVEOUT => Ok(()),
-            ATTR_MAX_DYNAMIC_SHARED if (0..=DEFAULT_DYNAMIC_SHARED).contains(&val) => Ok(()),
-            _ => {
-                crate::logging::warn_once(&format!(
-                    "cuKernelSetAttribute({attrib}, {val}) is not supported"
-                ));
-                Err(Status::NOT_SUPPORTED)
-            }
-        }
+        let f = kernel_function(kernel.addr())?;
+        crate::func_query::set_attribute(f, attrib, val)
     })
 }
 
@@ -530,14 +558,19 @@ pub unsafe extern "C" fn cuKernelGetParamInfo(
     })
 }
 
-/// `cuModuleGetLoadingMode`: modules are loaded eagerly.
+/// `cuModuleGetLoadingMode`: lazy unless `CUDA_MODULE_LOADING=EAGER`.
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleGetLoadingMode(mode: *mut c_int) -> CUresult {
     guard(|| {
         driver()?;
+        let value = if lazy_loading() {
+            CU_MODULE_LAZY_LOADING
+        } else {
+            CU_MODULE_EAGER_LOADING
+        };
         // SAFETY: the caller passes a writable `CUmoduleLoadingMode` or NULL
         // (checked).
-        unsafe { write_out(mode, CU_MODULE_EAGER_LOADING) }
+        unsafe { write_out(mode, value) }
     })
 }
 
@@ -552,6 +585,25 @@ mod tests {
         w[8..16].copy_from_slice(&data.to_le_bytes());
         w[16..24].copy_from_slice(&prelinked.to_le_bytes());
         w
+    }
+
+    #[test]
+    fn module_loading_is_lazy_unless_eager_is_asked_for() {
+        assert!(lazy_from(None));
+        assert!(lazy_from(Some("LAZY")));
+        assert!(lazy_from(Some("")));
+        assert!(!lazy_from(Some("EAGER")));
+        assert!(!lazy_from(Some(" eager ")));
+    }
+
+    #[test]
+    fn library_without_code_for_this_device_loads_and_fails_on_use() {
+        assert!(load_failure_is_deferred(Status::NO_BINARY_FOR_GPU));
+        assert!(load_failure_is_deferred(Status::INVALID_PTX));
+        assert!(load_failure_is_deferred(Status(222)));
+        assert!(!load_failure_is_deferred(Status::INVALID_IMAGE));
+        assert!(!load_failure_is_deferred(Status::OUT_OF_MEMORY));
+        assert!(!load_failure_is_deferred(Status::DEVICE_UNAVAILABLE));
     }
 
     #[test]

@@ -57,16 +57,34 @@ pub(crate) fn report_once(message: &str) {
         return;
     }
     if INSTALLED.load(Ordering::Relaxed) {
-        tracing::error!("{message}");
+        safely(|| tracing::error!("{message}"));
     } else {
         eprintln!("libcuda.so.1 (vgpu): {message}");
+    }
+}
+
+/// Runs `log` (a `tracing` call) unless this thread is past the point where
+/// its thread-local storage is destroyed: the process's exit handlers (the
+/// runtime unloading its modules) call the driver then, and the subscriber
+/// would panic, which aborts at the C boundary. A panic that slips through
+/// is caught.
+pub(crate) fn safely(log: impl FnOnce()) {
+    struct Alive;
+    impl Drop for Alive {
+        fn drop(&mut self) {}
+    }
+    thread_local! {
+        static ALIVE: Alive = const { Alive };
+    }
+    if ALIVE.try_with(|_| ()).is_ok() {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(log));
     }
 }
 
 /// Logs a warning once per distinct message (visible only with `VGPU_LOG`).
 pub(crate) fn warn_once(message: &str) {
     if first_time(message) {
-        tracing::warn!("{message}");
+        safely(|| tracing::warn!("{message}"));
     }
 }
 
@@ -80,6 +98,14 @@ mod tests {
         assert_eq!(directive(""), "debug");
         assert_eq!(directive("trace"), "trace");
         assert_eq!(directive("cuda=info"), "cuda=info");
+    }
+
+    #[test]
+    fn a_panicking_log_call_is_contained() {
+        let mut ran = false;
+        safely(|| ran = true);
+        assert!(ran);
+        safely(|| panic!("subscriber gone"));
     }
 
     #[test]

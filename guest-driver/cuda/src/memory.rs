@@ -28,10 +28,13 @@ fn alloc(size: usize) -> CuResult<u64> {
     Ok(resp.handle.get())
 }
 
+/// Frees device memory. NULL is accepted and does nothing, as natively:
+/// the runtime's `cudaFree(0)` (cuBLAS's way to make sure a context
+/// exists) reaches the driver as `cuMemFree(0)` and must succeed.
 fn free(dptr: u64) -> CuResult<()> {
     let (drv, ctx) = session_ctx()?;
     if dptr == 0 {
-        return Err(Status::INVALID_VALUE);
+        return Ok(());
     }
     let req = HandleReq {
         handle: dptr.into(),

@@ -198,7 +198,17 @@ unsafe fn get_proc_address(
     let name = unsafe { CStr::from_ptr(symbol) }.to_str().unwrap_or("");
     let found = resolve(name, version, flags);
     let code = match found {
-        Ok(_) => CU_GET_PROC_ADDRESS_SUCCESS,
+        Ok(ptr) => {
+            if unsupported::is_stub(ptr) {
+                tracing::debug!(
+                    name,
+                    version,
+                    flags,
+                    "cuGetProcAddress: an unsupported stub"
+                );
+            }
+            CU_GET_PROC_ADDRESS_SUCCESS
+        }
         Err(code) => {
             tracing::debug!(name, version, flags, code, "cuGetProcAddress: not found");
             code

@@ -1,8 +1,8 @@
 //! Context and function settings the CUDA runtime queries and sets at
 //! start-up: limits, cache and shared-memory configuration, function
-//! attributes. They are answered in the guest: limits are kept per context
-//! (defaults are an H100's), configuration preferences are hints that are
-//! accepted, and settings the backend cannot honour are refused.
+//! attributes. Limits are kept per context in the guest (defaults are an
+//! H100's), configuration preferences are hints that are accepted, and
+//! function attributes are set on the backend's function.
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_uint};
@@ -27,12 +27,6 @@ const LIMIT_DEV_RUNTIME_PENDING_LAUNCH_COUNT: c_int = 4;
 const LIMIT_MAX_L2_FETCH_GRANULARITY: c_int = 5;
 const LIMIT_PERSISTING_L2_CACHE_SIZE: c_int = 6;
 
-/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
-const ATTR_MAX_DYNAMIC_SHARED: c_int = 8;
-/// `CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT`.
-const ATTR_CARVEOUT: c_int = 9;
-/// Dynamic shared memory every kernel may use without opting in.
-const DEFAULT_DYNAMIC_SHARED: c_int = 48 * 1024;
 /// `CU_SHARED_MEM_CONFIG_FOUR_BYTE_BANK_SIZE`.
 const FOUR_BYTE_BANKS: c_int = 1;
 
@@ -157,8 +151,7 @@ pub unsafe extern "C" fn cuFuncSetSharedMemConfig(hfunc: CUfunction, _config: c_
     guard(|| check_function(hfunc))
 }
 
-/// `cuFuncSetAttribute`: the carveout (a hint) and dynamic shared memory up
-/// to the default 48 KiB are accepted; anything else is not supported.
+/// `cuFuncSetAttribute`: set on the backend's function.
 #[no_mangle]
 pub unsafe extern "C" fn cuFuncSetAttribute(
     hfunc: CUfunction,
@@ -167,16 +160,7 @@ pub unsafe extern "C" fn cuFuncSetAttribute(
 ) -> CUresult {
     guard(|| {
         check_function(hfunc)?;
-        match attrib {
-            ATTR_CARVEOUT => Ok(()),
-            ATTR_MAX_DYNAMIC_SHARED if (0..=DEFAULT_DYNAMIC_SHARED).contains(&value) => Ok(()),
-            _ => {
-                crate::logging::warn_once(&format!(
-                    "cuFuncSetAttribute({attrib}, {value}) is not supported"
-                ));
-                Err(Status::NOT_SUPPORTED)
-            }
-        }
+        crate::func_query::set_attribute(hfunc, attrib, value)
     })
 }
 
@@ -213,7 +197,7 @@ mod tests {
         let rc = unsafe { cuCtxGetLimit(&mut v, LIMIT_STACK_SIZE) };
         assert_eq!(rc, Status::NOT_INITIALIZED.0);
         // SAFETY: no pointers.
-        let rc = unsafe { cuFuncSetAttribute(std::ptr::null_mut(), ATTR_CARVEOUT, 50) };
+        let rc = unsafe { cuFuncSetAttribute(std::ptr::null_mut(), 9, 50) };
         assert_eq!(rc, Status::NOT_INITIALIZED.0);
     }
 }

@@ -5,7 +5,7 @@
 use std::ffi::c_void;
 
 #[allow(clippy::wildcard_imports)]
-use crate::{export_table::*, library::*, ptds::*, runtime::*};
+use crate::{export_table::*, func_query::*, library::*, ptds::*, runtime::*};
 
 macro_rules! runtime_exports {
     ($($name:ident),* $(,)?) => {
@@ -65,6 +65,13 @@ runtime_exports!(
     cuFuncSetCacheConfig,
     cuFuncSetSharedMemConfig,
     cuFuncSetAttribute,
+    cuOccupancyMaxActiveBlocksPerMultiprocessor,
+    cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags,
+    cuOccupancyAvailableDynamicSMemPerBlock,
+    cuOccupancyMaxActiveClusters,
+    cuOccupancyMaxPotentialClusterSize,
+    cuOccupancyMaxPotentialBlockSize,
+    cuOccupancyMaxPotentialBlockSizeWithFlags,
 );
 
 #[cfg(test)]
@@ -75,6 +82,7 @@ mod tests {
     fn every_runtime_export_is_listed() {
         let sources = [
             include_str!("export_table.rs"),
+            include_str!("func_query.rs"),
             include_str!("library.rs"),
             include_str!("ptds.rs"),
             include_str!("runtime.rs"),
@@ -93,6 +101,6 @@ mod tests {
                 count += 1;
             }
         }
-        assert!(count >= 45, "only {count} exports found");
+        assert!(count >= 52, "only {count} exports found");
     }
 }

@@ -31,6 +31,11 @@ macro_rules! unsupported {
         #[cfg(test)]
         pub(crate) const NAMES: &[&str] = &[$(stringify!($name)),*];
 
+        /// True if `ptr` is one of the unsupported entry points.
+        pub(crate) fn is_stub(ptr: *mut c_void) -> bool {
+            false $(|| ptr == $name as *mut c_void)*
+        }
+
         /// The address of an unsupported entry point, by name.
         pub(crate) fn lookup(name: &str) -> Option<*mut c_void> {
             match name {
@@ -48,9 +53,6 @@ unsupported!(
     cuPointerGetAttributes,
     cuStreamGetCtx,
     cuStreamGetFlags,
-    cuOccupancyMaxActiveBlocksPerMultiprocessor,
-    cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags,
-    cuOccupancyMaxPotentialBlockSize,
     cuDeviceCanAccessPeer,
     cuDeviceGetP2PAttribute,
     cuMemHostRegister_v2,
@@ -69,5 +71,7 @@ mod tests {
         assert!(lookup("cuFuncGetName").is_some());
         assert!(lookup("cuMemAlloc_v2").is_none());
         assert!(NAMES.contains(&"cuStreamGetFlags"));
+        assert!(is_stub(cuPointerGetAttribute as *mut c_void));
+        assert!(!is_stub(crate::errors::cuGetErrorName as *mut c_void));
     }
 }

@@ -39,10 +39,10 @@ use crate::throttle::Throttle;
 
 use super::cuda_identity::{log_library_path, read_identity};
 use super::inflight::SharedTracker;
-use super::ptx;
+use super::{cuda_func, ptx};
 use super::{
-    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, ParamLayout, RawHandle,
-    StreamRef,
+    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, OccupancyQuery, ParamLayout,
+    RawHandle, StreamRef,
 };
 
 /// Why a CUDA device could not be opened.
@@ -221,7 +221,7 @@ impl CudaGpu {
         if unsafe { lib.get::<unsafe extern "C" fn()>(GUEST_LIBRARY_MARKER) }.is_ok() {
             return Err(CudaError::GuestLibrary);
         }
-        for &name in REQUIRED_SYMBOLS {
+        for &name in REQUIRED_SYMBOLS.iter().chain(super::cuda_func::SYMBOLS) {
             // SAFETY: looks a symbol up without calling or typing it.
             if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
                 return Err(CudaError::MissingSymbol { name });
@@ -706,6 +706,26 @@ impl GpuContext for CudaContext {
                 ptr::null_mut(),
             )
         })
+    }
+
+    fn func_get_attribute(&mut self, function: RawHandle, attrib: i32) -> GpuResult<i32> {
+        self.enter()?;
+        cuda_func::get_attribute(from_handle(function), attrib)
+    }
+
+    fn func_set_attribute(
+        &mut self,
+        function: RawHandle,
+        attrib: i32,
+        value: i32,
+    ) -> GpuResult<()> {
+        self.enter()?;
+        cuda_func::set_attribute(from_handle(function), attrib, value)
+    }
+
+    fn occupancy(&mut self, function: RawHandle, query: &OccupancyQuery) -> GpuResult<i64> {
+        self.enter()?;
+        cuda_func::occupancy(from_handle(function), query)
     }
 
     fn stream_create(&mut self, flags: u32, priority: i32) -> GpuResult<RawHandle> {

@@ -9,6 +9,7 @@
 //! only their own opaque handles and [`HostBuf`]s that are known to be valid.
 
 pub mod cuda;
+mod cuda_func;
 mod cuda_identity;
 pub mod emulated;
 mod inflight;
@@ -70,6 +71,21 @@ pub struct LaunchConfig {
     pub block: [u32; 3],
     /// Dynamic shared memory in bytes.
     pub shared_mem: u32,
+}
+
+/// An occupancy question about a function (`cuOccupancy*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OccupancyQuery {
+    /// One of [`vgpu_spec::wire::occupancy`].
+    pub kind: u32,
+    /// `CUoccupancy_flags`.
+    pub flags: u32,
+    /// Launch geometry and dynamic shared memory per block.
+    pub config: LaunchConfig,
+    /// Cluster dimensions; all zero when the launch sets none.
+    pub cluster: [u32; 3],
+    /// Blocks per multiprocessor (available dynamic shared memory query).
+    pub num_blocks: u32,
 }
 
 /// A host buffer an executor may read or write: a piece of mapped guest
@@ -247,6 +263,27 @@ pub trait GpuContext: Send {
         params: &[u8],
         layout: &[ParamLayout],
     ) -> GpuResult<()>;
+
+    /// Reads a `CUfunction_attribute` of a function.
+    fn func_get_attribute(&mut self, function: RawHandle, attrib: i32) -> GpuResult<i32> {
+        let _ = (function, attrib);
+        Err(Status::NOT_SUPPORTED)
+    }
+    /// Sets a `CUfunction_attribute` of a function.
+    fn func_set_attribute(
+        &mut self,
+        function: RawHandle,
+        attrib: i32,
+        value: i32,
+    ) -> GpuResult<()> {
+        let _ = (function, attrib, value);
+        Err(Status::NOT_SUPPORTED)
+    }
+    /// Answers an occupancy question about a function.
+    fn occupancy(&mut self, function: RawHandle, query: &OccupancyQuery) -> GpuResult<i64> {
+        let _ = (function, query);
+        Err(Status::NOT_SUPPORTED)
+    }
 
     /// Creates a stream.
     fn stream_create(&mut self, flags: u32, priority: i32) -> GpuResult<RawHandle>;

@@ -1,0 +1,161 @@
+//! Function attributes and occupancy calculations on a real GPU: the
+//! driver's own answers (`cuFuncGetAttribute`, `cuFuncSetAttribute`,
+//! `cuOccupancy*`), so that libraries which size their launches from them
+//! (cuBLAS, PyTorch) choose exactly what they would natively. The caller
+//! has made the function's context current.
+
+use std::ffi::c_int;
+
+use cudarc::driver::sys::{self as cu, CUfunction_attribute_enum as A};
+use vgpu_spec::wire::occupancy;
+use vgpu_spec::Status;
+
+use super::cuda::check;
+use super::{GpuResult, OccupancyQuery};
+
+/// The driver functions this module calls (checked at open).
+pub(super) const SYMBOLS: &[&str] = &[
+    "cuFuncGetAttribute",
+    "cuFuncSetAttribute",
+    "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags",
+    "cuOccupancyAvailableDynamicSMemPerBlock",
+    "cuOccupancyMaxActiveClusters",
+    "cuOccupancyMaxPotentialClusterSize",
+];
+
+/// The `CUfunction_attribute` with value `attrib`.
+fn attribute(attrib: i32) -> GpuResult<cu::CUfunction_attribute> {
+    Ok(match attrib {
+        0 => A::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+        1 => A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+        2 => A::CU_FUNC_ATTRIBUTE_CONST_SIZE_BYTES,
+        3 => A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+        4 => A::CU_FUNC_ATTRIBUTE_NUM_REGS,
+        5 => A::CU_FUNC_ATTRIBUTE_PTX_VERSION,
+        6 => A::CU_FUNC_ATTRIBUTE_BINARY_VERSION,
+        7 => A::CU_FUNC_ATTRIBUTE_CACHE_MODE_CA,
+        8 => A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        9 => A::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        10 => A::CU_FUNC_ATTRIBUTE_CLUSTER_SIZE_MUST_BE_SET,
+        11 => A::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH,
+        12 => A::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_HEIGHT,
+        13 => A::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_DEPTH,
+        14 => A::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+        15 => A::CU_FUNC_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE,
+        _ => return Err(Status::INVALID_VALUE),
+    })
+}
+
+/// `cuFuncGetAttribute`.
+pub(super) fn get_attribute(func: cu::CUfunction, attrib: i32) -> GpuResult<i32> {
+    let attrib = attribute(attrib)?;
+    let mut value: c_int = 0;
+    // SAFETY: a valid out-pointer; the session layer passes only live
+    // function handles.
+    check(unsafe { cu::cuFuncGetAttribute(&mut value, attrib, func) })?;
+    Ok(value)
+}
+
+/// `cuFuncSetAttribute`.
+pub(super) fn set_attribute(func: cu::CUfunction, attrib: i32, value: i32) -> GpuResult<()> {
+    let attrib = attribute(attrib)?;
+    // SAFETY: a live function handle (see `get_attribute`).
+    check(unsafe { cu::cuFuncSetAttribute(func, attrib, value) })
+}
+
+fn int(value: u32) -> GpuResult<c_int> {
+    c_int::try_from(value).map_err(|_| Status::INVALID_VALUE)
+}
+
+/// Answers one `cuOccupancy*` question.
+pub(super) fn occupancy(func: cu::CUfunction, q: &OccupancyQuery) -> GpuResult<i64> {
+    match q.kind {
+        occupancy::MAX_ACTIVE_BLOCKS_PER_SM => {
+            let mut blocks: c_int = 0;
+            let (block, smem) = (int(q.config.block[0])?, q.config.shared_mem as usize);
+            // SAFETY: a valid out-pointer and a live function handle.
+            check(unsafe {
+                cu::cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
+                    &mut blocks,
+                    func,
+                    block,
+                    smem,
+                    q.flags,
+                )
+            })?;
+            Ok(blocks.into())
+        }
+        occupancy::AVAILABLE_DYNAMIC_SMEM_PER_BLOCK => {
+            let mut bytes = 0usize;
+            let (blocks, block) = (int(q.num_blocks)?, int(q.config.block[0])?);
+            // SAFETY: a valid out-pointer and a live function handle.
+            check(unsafe {
+                cu::cuOccupancyAvailableDynamicSMemPerBlock(&mut bytes, func, blocks, block)
+            })?;
+            i64::try_from(bytes).map_err(|_| Status::INVALID_VALUE)
+        }
+        occupancy::MAX_ACTIVE_CLUSTERS | occupancy::MAX_POTENTIAL_CLUSTER_SIZE => {
+            cluster_query(func, q)
+        }
+        _ => Err(Status::INVALID_VALUE),
+    }
+}
+
+/// The two cluster queries, which take a launch configuration.
+fn cluster_query(func: cu::CUfunction, q: &OccupancyQuery) -> GpuResult<i64> {
+    // SAFETY: the attribute is plain data (an id and a union of integers
+    // and pointers), for which all zero bits are a valid value.
+    let mut attr: cu::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    let [x, y, z] = q.cluster;
+    attr.value.clusterDim = cu::CUlaunchAttributeValue_union__bindgen_ty_1 { x, y, z };
+    let has_cluster = q.cluster.iter().any(|d| *d != 0);
+    let [gx, gy, gz] = q.config.grid;
+    let [bx, by, bz] = q.config.block;
+    let config = cu::CUlaunchConfig {
+        gridDimX: gx,
+        gridDimY: gy,
+        gridDimZ: gz,
+        blockDimX: bx,
+        blockDimY: by,
+        blockDimZ: bz,
+        sharedMemBytes: q.config.shared_mem,
+        hStream: std::ptr::null_mut(),
+        attrs: if has_cluster {
+            &mut attr
+        } else {
+            std::ptr::null_mut()
+        },
+        numAttrs: u32::from(has_cluster),
+    };
+    let mut answer: c_int = 0;
+    // SAFETY: a valid out-pointer, a configuration whose attribute pointer
+    // (if any) outlives the call, and a live function handle.
+    check(unsafe {
+        if q.kind == occupancy::MAX_ACTIVE_CLUSTERS {
+            cu::cuOccupancyMaxActiveClusters(&mut answer, func, &config)
+        } else {
+            cu::cuOccupancyMaxPotentialClusterSize(&mut answer, func, &config)
+        }
+    })?;
+    Ok(answer.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_ids_map_to_the_drivers_enum_and_unknown_ids_are_invalid() {
+        assert_eq!(attribute(4), Ok(A::CU_FUNC_ATTRIBUTE_NUM_REGS));
+        assert_eq!(
+            attribute(8),
+            Ok(A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+        );
+        for id in 0..16 {
+            assert_eq!(attribute(id).map(|a| a as i32), Ok(id));
+        }
+        assert_eq!(attribute(16), Err(Status::INVALID_VALUE));
+        assert_eq!(attribute(-1), Err(Status::INVALID_VALUE));
+    }
+}
