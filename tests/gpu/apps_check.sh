@@ -13,7 +13,7 @@
 # table. Exit status non-zero when any app failed, timed out or was skipped.
 #
 # Environment (optional): OUT, DIST, APPS, NVCC, PYTHON (python3), NATIVE_LIB_DIR
-# (/usr/local/nvidia/lib64), APPS_TIMEOUT (120 s a run), APPS_SLOW_TIMEOUT (300 s, torch
+# (/usr/local/nvidia/lib64), SLICE_LOG (VGPU_LOG of the slice runs, warn), APPS_TIMEOUT (120 s a run), APPS_SLOW_TIMEOUT (300 s, torch
 # training and compile), APPS_BUDGET (540 s for everything), APPS_MEMORY_LIMIT (bytes,
 # 32 GiB), VGPU_DEVICE (cuda:0), VGPU_COMMIT.
 set -u
@@ -144,7 +144,7 @@ run_mode() {
     if [ "$mode" = native ]; then
         envs+=(LD_LIBRARY_PATH="$NATIVE_LIB_DIR$BASE_LD")
     else
-        envs+=(LD_LIBRARY_PATH="$DIST/lib$BASE_LD" VGPU_SOCKET="$SOCK" VGPU_LOG=warn TRITON_LIBCUDA_PATH="$DIST/lib")
+        envs+=(LD_LIBRARY_PATH="$DIST/lib$BASE_LD" VGPU_SOCKET="$SOCK" VGPU_LOG="${SLICE_LOG:-warn}" TRITON_LIBCUDA_PATH="$DIST/lib")
     fi
     start=$(date +%s%N)
     env "${envs[@]}" timeout -k 10 "$t" "$@" >"$OUT/$name.$mode.out" 2>"$OUT/$name.$mode.err" </dev/null

@@ -197,6 +197,20 @@ impl Client {
         }
     }
 
+    /// Waits up to `timeout` for a stdout line starting with `prefix`: `None` if none came
+    /// (for checking that a client is held, not for waiting on one).
+    pub fn try_line(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Writes `line` and a newline to its stdin.
     pub fn send_line(&mut self, line: &str) {
         if let Some(stdin) = self.stdin.as_mut() {

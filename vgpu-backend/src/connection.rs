@@ -108,7 +108,8 @@ impl Connection {
                     self.shared.slice.clone(),
                 )
                 .with_throttle(self.shared.throttle.clone())
-                .with_meter(self.shared.meters.open_session());
+                .with_meter(self.shared.meters.open_session())
+                .with_claimer(self.shared.claimer.clone());
                 tracing::debug!(
                     session = id,
                     meter = session.meter().id(),
@@ -153,6 +154,29 @@ impl Connection {
         for session in self.sessions.values_mut() {
             session.synchronize_all();
         }
+    }
+
+    /// Swaps every session's device memory out; bytes moved.
+    pub fn swap_out_all(&mut self) -> Result<u64, Status> {
+        self.sessions.values_mut().try_fold(0u64, |acc, s| {
+            s.swap_out_all().map(|n| acc.saturating_add(n))
+        })
+    }
+
+    /// Swaps every session's device memory back in; bytes moved.
+    pub fn swap_in_all(&mut self) -> Result<u64, Status> {
+        self.sessions.values_mut().try_fold(0u64, |acc, s| {
+            s.swap_in_all().map(|n| acc.saturating_add(n))
+        })
+    }
+
+    /// Every session's device memory.
+    pub fn memory_usage(&self) -> crate::gpu::MemoryUsage {
+        self.sessions
+            .values()
+            .fold(crate::gpu::MemoryUsage::default(), |acc, s| {
+                acc + s.memory_usage()
+            })
     }
 
     /// Closes every session, freeing all they hold.

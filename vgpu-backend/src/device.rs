@@ -82,7 +82,27 @@ impl VgpuDevice {
         lock(&self.regions).clear(self.shared.gpu.as_ref());
     }
 
+    /// Reclaim: drains every context's work and swaps the connection's device memory out;
+    /// bytes moved. Requests wait meanwhile (they need the connection).
+    pub fn swap_out(&self) -> Result<u64, vgpu_spec::Status> {
+        let mut work = lock(&self.work);
+        work.connection.synchronize_all();
+        work.connection.swap_out_all()
+    }
+
+    /// Swaps the connection's device memory back in; bytes moved.
+    pub fn swap_in(&self) -> Result<u64, vgpu_spec::Status> {
+        lock(&self.work).connection.swap_in_all()
+    }
+
+    /// The connection's device memory, resident and swapped out.
+    pub fn memory_usage(&self) -> crate::gpu::MemoryUsage {
+        lock(&self.work).connection.memory_usage()
+    }
+
     fn process_queue(&self, index: u16, vring: &Vring) -> io::Result<()> {
+        // A slice whose memory is reclaimed is frozen: nothing runs until it is back.
+        self.shared.memory.wait_while_frozen();
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         let throttle = &self.shared.throttle;

@@ -193,7 +193,17 @@ impl Session {
         if !self.slice.try_reserve(size) {
             return Err(Status::OUT_OF_MEMORY);
         }
-        let ptr = match self.gpu_context(current).and_then(|c| c.mem_alloc(size)) {
+        let mut result = self.gpu_context(current).and_then(|c| c.mem_alloc(size));
+        if result == Err(Status::OUT_OF_MEMORY) {
+            // Within the slice's limit but the GPU is full: the scheduler may take memory from
+            // slices above their guarantee (if this one is within its own).
+            if let Some(claimer) = self.claimer.clone() {
+                if claimer.claim(size.next_multiple_of(crate::elastic::CHUNK)) {
+                    result = self.gpu_context(current).and_then(|c| c.mem_alloc(size));
+                }
+            }
+        }
+        let ptr = match result {
             Ok(ptr) => ptr,
             Err(status) => {
                 self.slice.release(size);

@@ -19,6 +19,7 @@ use crate::gpu::emulated::EmulatedGpu;
 use crate::gpu::timed::EmulatedClock;
 use crate::gpu::Gpu;
 use crate::guest::GuestMemoryMmap;
+use crate::memctl::{spawn_watcher, MemoryWatcher, Publish};
 use crate::metering::MeterRegistry;
 use crate::reporting::UsageReporting;
 use crate::shared::DeviceShared;
@@ -142,14 +143,22 @@ pub fn open_gpu(config: &BackendConfig, throttle: &Arc<Throttle>) -> Result<Arc<
                 }
                 None => EmulatedClock::unlocked(throttle.clone()),
             };
-            let gpu = EmulatedGpu::with_clock(total, clock);
+            // Each context's elastic heap is as large as the slice's limit.
+            let gpu = EmulatedGpu::with_clock(total, clock)
+                .with_heap_capacity(config.memory_limit.unwrap_or(total));
             Ok(Arc::new(match config.worker {
                 Some(w) => gpu.for_worker(w.index),
                 None => gpu,
             }))
         }
         DeviceSpec::Cuda(ordinal) => match crate::gpu::cuda::CudaGpu::open(ordinal) {
-            Ok(gpu) => Ok(Arc::new(gpu.with_throttle(throttle.clone()))),
+            Ok(gpu) => {
+                let gpu = gpu.with_throttle(throttle.clone());
+                Ok(Arc::new(match config.memory_limit {
+                    Some(limit) => gpu.with_heap_capacity(limit),
+                    None => gpu,
+                }))
+            }
             Err(e) => Err(Error::OpenCuda {
                 ordinal,
                 message: e.to_string(),
@@ -243,6 +252,7 @@ pub struct Backend {
     stop: Arc<AtomicBool>,
     connections: Arc<Connections>,
     monitor: Option<Monitor>,
+    memory_watcher: Option<MemoryWatcher>,
     reporting: Option<UsageReporting>,
 }
 
@@ -309,6 +319,12 @@ impl Backend {
         shared.poll_after_work = config.poll_after_work;
         shared.fault_restart_after = config.fault_restart_after;
         shared.throttle = throttle;
+        shared.claimer = config.metering.as_ref().map(|m| {
+            Arc::new(crate::memctl::Claimer::new(
+                &m.scheduler_socket,
+                config.slice_name.clone(),
+            ))
+        });
         let mut meters = MeterRegistry::new(config.metering.is_some());
         if worker.is_some() {
             // Each worker numbers its sessions in its own range of 2^20.
@@ -317,6 +333,13 @@ impl Backend {
         shared.meters = Arc::new(meters);
         let shared = Arc::new(shared);
         let monitor = shared.throttle.spawn_monitor().map_err(Error::Monitor)?;
+        let publish = if worker.is_some() {
+            Publish::Worker(shared.slice.clone())
+        } else {
+            Publish::Board
+        };
+        let memory_watcher = spawn_watcher(shared.memory.clone(), shared.throttle.clone(), publish)
+            .map_err(Error::Monitor)?;
         let listener = match inherited {
             Some(listener) => listener,
             None => bind(&config.socket)?,
@@ -344,6 +367,7 @@ impl Backend {
             stop: Arc::new(AtomicBool::new(false)),
             connections: Arc::new(Connections::default()),
             monitor,
+            memory_watcher: Some(memory_watcher),
             reporting,
         })
     }
@@ -415,8 +439,10 @@ impl Backend {
             self.accept_loop()
         };
         drop(watcher);
-        // Held connections stop waiting for a grant, so they can close.
+        // Held connections stop waiting for a grant or for their memory, so they can close.
         self.shared.throttle.stop();
+        self.shared.memory.stop();
+        drop(self.memory_watcher.take());
         self.connections.shutdown_all();
         // Every session is closed: their final figures go out now.
         if let Some(reporting) = self.reporting.take() {
@@ -544,6 +570,7 @@ impl Backend {
         if let Some(handle) = daemon.shutdown_handle() {
             lock(&self.connections.active).insert(id, handle);
         }
+        self.shared.memory.register(&device);
         let connections = self.connections.clone();
         let thread = thread::Builder::new()
             .name(format!("vgpu-conn-{id}"))

@@ -436,6 +436,7 @@ fn a_held_board_slot_holds_timed_launches_until_granted_and_counts_them() {
     slot.set_grant(Grant {
         run: false,
         yield_to_lc: true,
+        evict: false,
     });
     let launcher = std::thread::spawn(move || {
         let req = LaunchReq {
@@ -457,6 +458,7 @@ fn a_held_board_slot_holds_timed_launches_until_granted_and_counts_them() {
     slot.set_grant(Grant {
         run: true,
         yield_to_lc: true,
+        evict: false,
     });
     let (status, f) = launcher.join().unwrap();
     assert_eq!(status, Status::SUCCESS);

@@ -76,6 +76,8 @@ pub struct Session {
     pub(crate) throttle: Arc<Throttle>,
     /// This session's usage, for the ledger.
     pub(crate) meter: Arc<SessionMeter>,
+    /// Asks the scheduler for memory when the GPU is full (with a scheduler).
+    pub(crate) claimer: Option<Arc<crate::memctl::Claimer>>,
 }
 
 impl Session {
@@ -95,11 +97,18 @@ impl Session {
             bufs: Vec::new(),
             throttle: Throttle::disabled(),
             meter: SessionMeter::new(0),
+            claimer: None,
         }
     }
 
     /// Counts the session's usage on `meter` (a fresh, unread meter by
     /// default).
+    /// Asks `claimer` for memory when the GPU is full.
+    pub fn with_claimer(mut self, claimer: Option<Arc<crate::memctl::Claimer>>) -> Self {
+        self.claimer = claimer;
+        self
+    }
+
     pub fn with_meter(mut self, meter: Arc<SessionMeter>) -> Self {
         self.meter = meter;
         self
@@ -241,6 +250,43 @@ impl Session {
                 tracing::debug!(session = self.id, context = handle, %status, "Context synchronize failed");
             }
         }
+    }
+
+    /// Swaps every context's memory out (each drains its work first); bytes moved. Contexts
+    /// whose executor has no elastic memory count nothing.
+    pub fn swap_out_all(&mut self) -> Result<u64, vgpu_spec::Status> {
+        let mut moved = 0u64;
+        for ctx in self.contexts.values_mut() {
+            match ctx.swap_out() {
+                Ok(n) => moved = moved.saturating_add(n),
+                Err(vgpu_spec::Status::NOT_SUPPORTED) => {}
+                Err(status) => return Err(status),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Swaps every context's memory back in; bytes moved. Stops at the first context that
+    /// cannot get its memory back (it, and those after it, stay swapped out).
+    pub fn swap_in_all(&mut self) -> Result<u64, vgpu_spec::Status> {
+        let mut moved = 0u64;
+        for ctx in self.contexts.values_mut() {
+            match ctx.swap_in() {
+                Ok(n) => moved = moved.saturating_add(n),
+                Err(vgpu_spec::Status::NOT_SUPPORTED) => {}
+                Err(status) => return Err(status),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// The contexts' device memory, resident and swapped out.
+    pub fn memory_usage(&self) -> crate::gpu::MemoryUsage {
+        self.contexts
+            .values()
+            .fold(crate::gpu::MemoryUsage::default(), |acc, c| {
+                acc + c.memory_usage()
+            })
     }
 }
 

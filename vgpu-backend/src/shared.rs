@@ -52,6 +52,10 @@ pub struct DeviceShared {
     /// corrupts the CUDA state of the whole process, so the backend restarts (see
     /// `server::POISON_GRACE`).
     pub poisoned: std::sync::atomic::AtomicU32,
+    /// The slice's memory state: frozen while reclaimed (see [`crate::memctl`]).
+    pub memory: Arc<crate::memctl::MemoryControl>,
+    /// Asks the scheduler for memory when the GPU is full (with a scheduler).
+    pub claimer: Option<Arc<crate::memctl::Claimer>>,
 }
 
 impl DeviceShared {
@@ -126,6 +130,8 @@ impl DeviceShared {
             throttle: Throttle::disabled(),
             meters: Arc::new(MeterRegistry::new(false)),
             poisoned: std::sync::atomic::AtomicU32::new(0),
+            memory: Arc::default(),
+            claimer: None,
         }
     }
 

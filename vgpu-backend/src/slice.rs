@@ -29,9 +29,13 @@ struct Counters {
     used: [AtomicU64; MAX_WORKERS],
     /// Workers started so far (numbers their sessions apart).
     started: AtomicU64,
+    /// Per worker: device memory on the GPU (chunks mapped), bytes.
+    resident: [AtomicU64; MAX_WORKERS],
+    /// Per worker: device memory swapped out to host memory, bytes.
+    swapped: [AtomicU64; MAX_WORKERS],
 }
 
-const _: () = assert!(std::mem::size_of::<Counters>() == 576);
+const _: () = assert!(std::mem::size_of::<Counters>() == 1600);
 
 impl Counters {
     fn zeroed() -> Counters {
@@ -41,6 +45,8 @@ impl Counters {
             total: AtomicU64::new(0),
             used: std::array::from_fn(|_| AtomicU64::new(0)),
             started: AtomicU64::new(0),
+            resident: std::array::from_fn(|_| AtomicU64::new(0)),
+            swapped: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 }
@@ -210,6 +216,24 @@ impl SliceMemory {
         self.counters().started.fetch_add(1, Ordering::AcqRel)
     }
 
+    /// Publishes this process's device memory: bytes on the GPU and bytes swapped out.
+    pub fn set_residency_here(&self, resident: u64, swapped: u64) {
+        let c = self.counters();
+        c.resident[self.worker].store(resident, Ordering::Release);
+        c.swapped[self.worker].store(swapped, Ordering::Release);
+    }
+
+    /// Every worker's device memory: (bytes on the GPU, bytes swapped out).
+    pub fn residency(&self) -> (u64, u64) {
+        let c = self.counters();
+        let sum = |rows: &[AtomicU64; MAX_WORKERS]| {
+            rows.iter()
+                .map(|r| r.load(Ordering::Acquire))
+                .fold(0u64, u64::saturating_add)
+        };
+        (sum(&c.resident), sum(&c.swapped))
+    }
+
     /// The memory limit in bytes.
     pub fn limit(&self) -> u64 {
         self.counters().limit.load(Ordering::Acquire)
@@ -286,6 +310,8 @@ impl SliceMemory {
         };
         let c = held.0;
         c.used[worker].store(0, Ordering::Release);
+        c.resident[worker].store(0, Ordering::Release);
+        c.swapped[worker].store(0, Ordering::Release);
         let sum = c
             .used
             .iter()

@@ -83,3 +83,15 @@ fn opening_shared_counters_checks_the_worker_and_the_file() {
     let small = tempfile::tempfile().unwrap();
     assert!(SliceMemory::open_shared(&small, 0).is_err());
 }
+
+#[test]
+fn residency_sums_the_workers_and_forgets_a_dead_one() {
+    let (main, fd) = SliceMemory::create_shared(1 << 30).unwrap();
+    let a = SliceMemory::open_shared(&fd, 1).unwrap();
+    let b = SliceMemory::open_shared(&fd, 2).unwrap();
+    a.set_residency_here(4 << 20, 0);
+    b.set_residency_here(2 << 20, 6 << 20);
+    assert_eq!(main.residency(), (6 << 20, 6 << 20));
+    main.forget_worker(2);
+    assert_eq!(main.residency(), (4 << 20, 0));
+}

@@ -487,6 +487,26 @@ impl Throttle {
         }))
     }
 
+    /// Whether the scheduler asks this slice to give its device memory back.
+    pub fn evict_requested(&self) -> bool {
+        self.slot().is_some_and(|slot| slot.evict_requested())
+    }
+
+    /// Publishes the slice's device memory on the board (a backend serving every connection
+    /// from one process; worker processes publish through their main process).
+    pub fn publish_memory(&self, resident: u64, swapped: u64) {
+        if let Some(slot) = self.slot() {
+            slot.set_memory(resident, swapped);
+        }
+    }
+
+    /// Counts one reclaim on the board.
+    pub fn count_reclaim(&self) {
+        if let Some(slot) = self.slot() {
+            slot.add_reclaim();
+        }
+    }
+
     /// The backend is stopping: held connections stop waiting.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);

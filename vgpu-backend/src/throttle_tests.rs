@@ -45,10 +45,12 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 const HOLD: Grant = Grant {
     run: false,
     yield_to_lc: true,
+    evict: false,
 };
 const RUN: Grant = Grant {
     run: true,
     yield_to_lc: true,
+    evict: false,
 };
 
 #[test]

@@ -259,6 +259,12 @@ impl WorkerPool {
                     self.failures
                 )));
             }
+            if let Some((board, slot)) = &self.board {
+                if let Ok(slot) = board.slot(*slot) {
+                    let (resident, swapped) = self.slice.residency();
+                    slot.set_memory(resident, swapped);
+                }
+            }
             let warm = self.workers.values().filter(|w| !w.accepted).count();
             if warm < self.warm && Instant::now() >= self.next_spawn {
                 self.spawn_next();

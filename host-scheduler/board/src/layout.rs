@@ -69,7 +69,12 @@ pub(crate) struct SlotRow {
     pub preempt_max_ns: AtomicU64,
     /// Bit w: worker w is held back, waiting for its grant.
     pub waiting: AtomicU64,
-    _reserved: [AtomicU64; 3],
+    /// Device memory the slice holds on the GPU, bytes (its backend's total).
+    pub mem_resident: AtomicU64,
+    /// Device memory of the slice swapped out to host memory, bytes.
+    pub mem_swapped: AtomicU64,
+    /// Times the slice's memory was reclaimed (swapped out).
+    pub reclaims: AtomicU64,
 }
 
 /// The whole board.

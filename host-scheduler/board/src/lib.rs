@@ -106,20 +106,27 @@ pub struct Grant {
     pub run: bool,
     /// Even so, it holds while a latency-critical slot on its GPU is busy.
     pub yield_to_lc: bool,
+    /// Its device memory is reclaimed: the backend drains its work, swaps its memory out to
+    /// host memory and stays frozen until this is cleared (then swaps it back in).
+    pub evict: bool,
 }
 
 const GRANT_RUN: u32 = 1;
 const GRANT_YIELD: u32 = 2;
+const GRANT_EVICT: u32 = 4;
 
 impl Grant {
     fn encode(self) -> u32 {
-        (if self.run { GRANT_RUN } else { 0 }) | (if self.yield_to_lc { GRANT_YIELD } else { 0 })
+        (if self.run { GRANT_RUN } else { 0 })
+            | (if self.yield_to_lc { GRANT_YIELD } else { 0 })
+            | (if self.evict { GRANT_EVICT } else { 0 })
     }
 
     fn decode(raw: u32) -> Grant {
         Grant {
             run: raw & GRANT_RUN != 0,
             yield_to_lc: raw & GRANT_YIELD != 0,
+            evict: raw & GRANT_EVICT != 0,
         }
     }
 
@@ -128,6 +135,7 @@ impl Grant {
         Grant {
             run: true,
             yield_to_lc: class == Class::BestEffort,
+            evict: false,
         }
     }
 }
@@ -165,6 +173,12 @@ pub struct SlotSnapshot {
     pub preempt_last_ns: u64,
     /// The largest one measured.
     pub preempt_max_ns: u64,
+    /// Device memory on the GPU, bytes.
+    pub mem_resident: u64,
+    /// Device memory swapped out to host memory, bytes.
+    pub mem_swapped: u64,
+    /// Times the slice's memory was reclaimed.
+    pub reclaims: u64,
 }
 
 /// Nanoseconds of CLOCK_MONOTONIC: the board's clock, the same in every process on the host.
@@ -391,6 +405,9 @@ impl Slot<'_> {
             &r.preempt_max_ns,
             &r.busy,
             &r.waiting,
+            &r.mem_resident,
+            &r.mem_swapped,
+            &r.reclaims,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -507,6 +524,23 @@ impl Slot<'_> {
         self.row.preempt_max_ns.fetch_max(ns, Ordering::Relaxed);
     }
 
+    /// Publishes the slice's device memory: bytes on the GPU and bytes swapped out.
+    pub fn set_memory(&self, resident: u64, swapped: u64) {
+        self.row.mem_resident.store(resident, Ordering::Relaxed);
+        self.row.mem_swapped.store(swapped, Ordering::Relaxed);
+    }
+
+    /// Counts one reclaim (the slice's memory was swapped out).
+    pub fn add_reclaim(&self) {
+        add(&self.row.reclaims, 1);
+    }
+
+    /// Whether the scheduler asks this slot to give its device memory back.
+    #[inline]
+    pub fn evict_requested(&self) -> bool {
+        Grant::decode(self.row.grant.load(Ordering::Acquire)).evict
+    }
+
     /// Stores the backend's heartbeat (now).
     pub fn heartbeat(&self) {
         self.row
@@ -584,6 +618,9 @@ impl Slot<'_> {
             heartbeat_ns: load(&r.heartbeat_ns),
             preempt_last_ns: load(&r.preempt_last_ns),
             preempt_max_ns: load(&r.preempt_max_ns),
+            mem_resident: load(&r.mem_resident),
+            mem_swapped: load(&r.mem_swapped),
+            reclaims: load(&r.reclaims),
         }
     }
 }

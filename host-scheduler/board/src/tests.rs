@@ -57,7 +57,8 @@ fn assignment_sets_the_class_grant_and_clears_counters() {
         s.snapshot().grant,
         Grant {
             run: true,
-            yield_to_lc: true
+            yield_to_lc: true,
+            evict: false,
         }
     );
     s.assign(0, Class::LatencyCritical);
@@ -69,7 +70,8 @@ fn assignment_sets_the_class_grant_and_clears_counters() {
         snap.grant,
         Grant {
             run: true,
-            yield_to_lc: false
+            yield_to_lc: false,
+            evict: false,
         }
     );
     s.release();
@@ -131,6 +133,7 @@ fn a_withdrawn_grant_holds_until_given_back_and_counts_the_wait() {
     s.set_grant(Grant {
         run: false,
         yield_to_lc: true,
+        evict: false,
     });
     assert!(!s.may_dispatch());
     let path = dir.path().join("board");
@@ -145,6 +148,7 @@ fn a_withdrawn_grant_holds_until_given_back_and_counts_the_wait() {
         slot.set_grant(Grant {
             run: true,
             yield_to_lc: true,
+            evict: false,
         });
     });
     let waited = s.wait_to_dispatch(Some(Duration::from_secs(10)));
@@ -265,4 +269,35 @@ fn concurrent_workers_leave_the_latency_critical_bit_matching_the_busy_mask() {
     assert_eq!(b.lc_busy_mask(0), 1 << 4, "busy, so marked");
     b.worker_slot(4, 0).unwrap().set_busy(false);
     assert_eq!(b.lc_busy_mask(0), 0);
+}
+
+#[test]
+fn an_evict_grant_round_trips_and_memory_figures_are_published() {
+    let (_dir, b) = board();
+    let s = b.slot(7).unwrap();
+    s.assign(0, Class::BestEffort);
+    assert!(!s.evict_requested());
+    s.set_grant(Grant {
+        run: true,
+        yield_to_lc: true,
+        evict: true,
+    });
+    assert!(s.evict_requested());
+    assert!(
+        s.may_dispatch(),
+        "eviction is separate from the compute grant"
+    );
+    s.set_memory(3 << 20, 5 << 20);
+    s.add_reclaim();
+    let snap = s.snapshot();
+    assert_eq!(
+        (snap.mem_resident, snap.mem_swapped, snap.reclaims),
+        (3 << 20, 5 << 20, 1)
+    );
+    s.assign(0, Class::BestEffort);
+    let snap = s.snapshot();
+    assert_eq!(
+        (snap.mem_resident, snap.mem_swapped, snap.reclaims),
+        (0, 0, 0)
+    );
 }

@@ -27,6 +27,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::memory::{Claim, MemoryError};
 use crate::registry::RegistryError;
 use crate::service::{Core, ServiceError};
 use crate::slice::{SliceRequest, SliceUpdate};
@@ -110,6 +111,10 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/v1/slices/{name}/attach", post(attach))
         .route("/v1/slices/{name}/detach", post(detach))
         .route("/v1/util", get(util))
+        .route("/v1/memory", get(memory))
+        .route("/v1/slices/{name}/reclaim", post(reclaim))
+        .route("/v1/slices/{name}/restore", post(restore))
+        .route("/v1/slices/{name}/claim", post(claim))
         .fallback(not_found)
         .with_state(core)
 }
@@ -160,4 +165,41 @@ async fn detach(State(core): State<Arc<Core>>, Path(name): Path<String>) -> ApiR
 
 async fn util(State(core): State<Arc<Core>>) -> impl IntoResponse {
     Json(core.util())
+}
+
+async fn memory(State(core): State<Arc<Core>>) -> impl IntoResponse {
+    Json(core.memory())
+}
+
+impl From<MemoryError> for ApiError {
+    fn from(e: MemoryError) -> ApiError {
+        match e {
+            MemoryError::Service(s) => s.into(),
+            MemoryError::NotAttached(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            MemoryError::BeyondGuarantee { .. } | MemoryError::NothingToReclaim { .. } => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
+            MemoryError::Timeout(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, e.to_string()),
+        }
+    }
+}
+
+/// Takes a slice's device memory: its backend freezes it and swaps its memory out.
+async fn reclaim(State(core): State<Arc<Core>>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(core.reclaim(&[name]).await?).into_response())
+}
+
+/// Gives a reclaimed slice its memory back.
+async fn restore(State(core): State<Arc<Core>>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(core.restore(&[name]).await?).into_response())
+}
+
+/// A slice needs memory within its guarantee (its backend found the GPU full).
+async fn claim(
+    State(core): State<Arc<Core>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let c: Claim = parse_body(&body)?;
+    Ok(Json(core.claim(&name, c.bytes).await?).into_response())
 }

@@ -33,6 +33,8 @@ pub struct RosterEntry {
     pub max_pct: u32,
     /// Weight.
     pub weight: u32,
+    /// Its memory is reclaimed: the grant carries `evict`.
+    pub evict: bool,
 }
 
 /// The attached slices, as published by the registry and read by the arbiter every tick.
@@ -201,11 +203,12 @@ pub fn tick_once(
             busy: snap.busy,
             busy_ns: snap.busy_ns,
         });
-        current.push((slot, snap.grant));
+        current.push((slot, snap.grant, e.evict));
         snaps.push((e.slot, snap));
     }
     let grants = policy.decide(now_ns, &inputs);
-    for ((slot, old), new) in current.into_iter().zip(grants) {
+    for ((slot, old, evict), mut new) in current.into_iter().zip(grants) {
+        new.evict = evict;
         if old != new {
             slot.set_grant(new);
         }
@@ -291,6 +294,7 @@ mod tests {
             guarantee_pct,
             max_pct: 100,
             weight: 1,
+            evict: false,
         }
     }
 

@@ -8,8 +8,8 @@
 //! | `vgpu_copied_bytes_total{direction="htod"\|"dtoh"}` | counter | bytes copied |
 //! | `vgpu_throttled_seconds_total` | counter | time held back by the grant board (board) |
 //! | `vgpu_backend_restarts_total` | counter | backend restarts (supervisor) |
-//! | `vgpu_memory_reclaims_total` | counter | always 0 until elastic memory exists |
-//! | `vgpu_memory_resident_bytes`, `vgpu_memory_swapped_bytes` | gauge | average over the latest reported interval (ledger) |
+//! | `vgpu_memory_reclaims_total` | counter | times the slice's memory was reclaimed (swapped out), since attach (board) |
+//! | `vgpu_memory_resident_bytes`, `vgpu_memory_swapped_bytes` | gauge | device memory on the GPU and swapped out to host memory now (board; the ledger's interval average when the board has none) |
 //! | `vgpu_busy_ratio` | gauge | GPU busy time over wall time, last second (board) |
 //! | `vgpu_preemption_latency_max_seconds` | gauge | largest preemption latency since attach: grant withdrawn to in-flight work drained (board) |
 //! | `vgpu_preemptions_total` | counter | preemptions since attach (board, sampled every tick: back-to-back ones within a tick count once) |
@@ -141,10 +141,14 @@ pub fn render(slices: &[(SliceMeter, Option<SliceSummary>)]) -> Result<String, s
             .get_or_create(&labels)
             .inc_by(board.throttled_ns as f64 / NS_PER_S);
         restarts.get_or_create(&labels).inc_by(m.restarts);
-        reclaims.get_or_create(&labels).inc_by(0);
-        let (res, swp) = summary
-            .as_ref()
-            .map_or((0.0, 0.0), |s| (s.resident_bytes, s.swapped_bytes));
+        reclaims.get_or_create(&labels).inc_by(board.reclaims);
+        let (res, swp) = if board.mem_resident > 0 || board.mem_swapped > 0 {
+            (board.mem_resident as f64, board.mem_swapped as f64)
+        } else {
+            summary
+                .as_ref()
+                .map_or((0.0, 0.0), |s| (s.resident_bytes, s.swapped_bytes))
+        };
         resident.get_or_create(&labels).set(res);
         swapped.get_or_create(&labels).set(swp);
         busy.get_or_create(&labels).set(m.busy_ratio);

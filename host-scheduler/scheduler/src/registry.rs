@@ -83,6 +83,11 @@ pub struct Entry {
     pub backend: Option<Backend>,
     /// Restarts of earlier backends of this slice.
     pub restarts_before: u64,
+    /// Its memory is reclaimed (runtime state, not saved).
+    pub evicted: bool,
+    /// Reclaimed for another slice's claim: given back by itself once its memory fits again
+    /// (an operator's reclaim waits for an operator's restore).
+    pub restore_when_room: bool,
     /// Declared in the configuration.
     from_config: bool,
     /// Saved in the state file (created or changed through the API).
@@ -97,6 +102,8 @@ impl Entry {
             slot: None,
             backend: None,
             restarts_before: 0,
+            evicted: false,
+            restore_when_room: false,
             from_config,
             saved,
         }

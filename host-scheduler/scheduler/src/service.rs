@@ -125,6 +125,7 @@ impl Core {
                     guarantee_pct: e.spec.compute_guarantee_pct,
                     max_pct: e.spec.compute_max_pct,
                     weight: e.spec.weight,
+                    evict: e.evicted,
                 })
             })
             .collect();
@@ -305,6 +306,50 @@ impl Core {
                 tracing::error!("stopping a backend failed: {e}");
             }
         }
+    }
+
+    /// Marks a slice's memory reclaimed (or not) and tells the arbiter, which sets (or clears)
+    /// `evict` in its grant at the next tick.
+    pub fn set_evicted(
+        &self,
+        name: &str,
+        evicted: bool,
+        restore_when_room: bool,
+    ) -> Result<(), ServiceError> {
+        let mut reg = self.lock();
+        let entry = reg.get_mut(name)?;
+        entry.restore_when_room = evicted && restore_when_room;
+        if entry.evicted != evicted {
+            entry.evicted = evicted;
+            self.publish(&reg);
+        }
+        Ok(())
+    }
+
+    /// The memory of every slice holding a board slot.
+    pub fn memory(&self) -> Vec<crate::memory::SliceMemory> {
+        let reg = self.lock();
+        reg.entries()
+            .filter_map(|e| {
+                let slot = self.board.slot(e.slot?).ok()?;
+                let snap = slot.snapshot();
+                let u = self.util.get(e.slot?, snap.generation).unwrap_or_default();
+                Some(crate::memory::SliceMemory {
+                    name: e.spec.name.clone(),
+                    gpu: e.spec.gpu,
+                    class: e.spec.class,
+                    guarantee: e.spec.memory_guarantee,
+                    limit: e.spec.memory_limit,
+                    resident: snap.mem_resident,
+                    swapped: snap.mem_swapped,
+                    reclaims: snap.reclaims,
+                    evicted: e.evicted,
+                    restore_when_room: e.restore_when_room,
+                    busy: snap.busy,
+                    busy_pct: u.busy_pct,
+                })
+            })
+            .collect()
     }
 
     /// Live utilization of every slice holding a board slot.

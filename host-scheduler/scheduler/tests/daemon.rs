@@ -266,7 +266,10 @@ fn scheduler_admits_attaches_restarts_and_persists_slices() {
         (v["restarts"] == 1 && v["backend_pid"].as_u64().is_some_and(|p| p != lc_pid)).then_some(v)
     });
     let new_pid = restarted["backend_pid"].as_u64().unwrap();
-    assert_eq!(launches(&log, "lc").len(), 2);
+    // The new backend logs its launch as it starts, which may be just after the API shows it.
+    wait_until("the restarted backend's launch line", || {
+        (launches(&log, "lc").len() == 2).then_some(())
+    });
     assert!(alive(new_pid));
 
     let (status, util) = request(&sock, "GET", "/v1/util", None);

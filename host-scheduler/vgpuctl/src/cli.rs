@@ -141,6 +141,23 @@ pub enum Command {
         #[command(flatten)]
         vm: VmArgs,
     },
+    /// Takes a slice's device memory: its backend freezes it and swaps its memory out to host
+    /// memory (nothing is lost; `restore` gives it back).
+    Reclaim {
+        /// The slice.
+        name: String,
+    },
+    /// Gives a reclaimed slice its memory back at the same addresses; it runs on.
+    Restore {
+        /// The slice.
+        name: String,
+    },
+    /// Shows each slice's device memory: guarantee, limit, resident, swapped, reclaims.
+    Memory {
+        /// Prints the scheduler's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Shows live per-slice utilization.
     Util {
         /// Redraws the table every SECONDS until interrupted (with --json: one JSON document a
@@ -235,6 +252,13 @@ impl Command {
                 ApiRequest::new("POST", format!("{}/detach", slice_path(name)))
             }
             Command::Util { .. } => ApiRequest::new("GET", "/v1/util"),
+            Command::Reclaim { name } => {
+                ApiRequest::new("POST", format!("{}/reclaim", slice_path(name)))
+            }
+            Command::Restore { name } => {
+                ApiRequest::new("POST", format!("{}/restore", slice_path(name)))
+            }
+            Command::Memory { .. } => ApiRequest::new("GET", "/v1/memory"),
             Command::Usage { export, args } => match export {
                 None => usage_request(args),
                 Some(UsageCommand::Export {
@@ -260,6 +284,22 @@ mod tests {
     fn request(args: &[&str]) -> (&'static str, String, Option<Value>) {
         let r = parse(args).unwrap().command.request();
         (r.method, r.path, r.body)
+    }
+
+    #[test]
+    fn reclaim_restore_and_memory_address_the_memory_endpoints() {
+        assert_eq!(
+            request(&["reclaim", "be"]),
+            ("POST", "/v1/slices/be/reclaim".to_string(), None)
+        );
+        assert_eq!(
+            request(&["restore", "be"]),
+            ("POST", "/v1/slices/be/restore".to_string(), None)
+        );
+        assert_eq!(
+            request(&["memory"]),
+            ("GET", "/v1/memory".to_string(), None)
+        );
     }
 
     #[test]

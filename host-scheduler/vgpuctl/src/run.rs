@@ -110,11 +110,58 @@ pub fn run(cli: Cli, env_scheduler: Option<&str>, out: &mut dyn Write) -> Result
             writeln!(out, "detached {name}")?;
         }
         Command::Util { watch, json } => util(&client, &command.request(), *watch, *json, out)?,
+        Command::Reclaim { name } | Command::Restore { name } => {
+            let done: serde_json::Value = client.send_json(&command.request())?;
+            let verb = if matches!(command, Command::Reclaim { .. }) {
+                "reclaimed"
+            } else {
+                "restored"
+            };
+            let mib = done["bytes"].as_u64().unwrap_or(0) as f64 / f64::from(1u32 << 20);
+            let ms = done["ms"].as_f64().unwrap_or(0.0);
+            writeln!(out, "{verb} {name}: {mib:.0} MiB in {ms:.1} ms")?;
+        }
+        Command::Memory { json } => {
+            let request = command.request();
+            if *json {
+                print_raw(out, &client.send(&request)?.body)?;
+            } else {
+                let rows: Vec<serde_json::Value> = client.send_json(&request)?;
+                out.write_all(memory_table(&rows).as_bytes())?;
+            }
+        }
         Command::Usage { export, args } => {
             run_usage(&client, args, export.as_ref(), out, &mut io::stderr())?
         }
     }
     Ok(())
+}
+
+/// The `vgpuctl memory` table (sizes in MiB).
+fn memory_table(rows: &[serde_json::Value]) -> String {
+    let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) >> 20;
+    let mut t = format!(
+        "{:<16} {:>3} {:>10} {:>10} {:>10} {:>10} {:>8}  {}\n",
+        "SLICE", "GPU", "GUAR MiB", "LIMIT MiB", "RESIDENT", "SWAPPED", "RECLAIMS", "STATE"
+    );
+    for r in rows {
+        t.push_str(&format!(
+            "{:<16} {:>3} {:>10} {:>10} {:>10} {:>10} {:>8}  {}\n",
+            r["name"].as_str().unwrap_or("?"),
+            r["gpu"].as_u64().unwrap_or(0),
+            mib(&r["guarantee"]),
+            mib(&r["limit"]),
+            mib(&r["resident"]),
+            mib(&r["swapped"]),
+            r["reclaims"].as_u64().unwrap_or(0),
+            if r["evicted"].as_bool().unwrap_or(false) {
+                "reclaimed"
+            } else {
+                "resident"
+            }
+        ));
+    }
+    t
 }
 
 /// `Some(path)` for an absolute socket path, `None` for a slice name.

@@ -34,15 +34,16 @@ use tracing::{debug, info, warn};
 use vgpu_spec::{Status, MAX_PARAMS};
 use zerocopy::IntoBytes;
 
+use crate::elastic::{self, CudaChunks, ElasticHeap};
 use crate::metering::SessionMeter;
 use crate::throttle::Throttle;
 
-use super::cuda_identity::{log_library_path, read_identity};
+use super::cuda_identity::{log_library_path, read_identity, REQUIRED_SYMBOLS};
 use super::inflight::SharedTracker;
 use super::{cuda_func, ptx};
 use super::{
-    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, OccupancyQuery, ParamLayout,
-    RawHandle, StreamRef,
+    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, MemoryUsage, OccupancyQuery,
+    ParamLayout, RawHandle, StreamRef,
 };
 
 /// Why a CUDA device could not be opened.
@@ -65,57 +66,6 @@ pub enum CudaError {
     #[error("{call} failed: {status}")]
     Driver { call: &'static str, status: Status },
 }
-
-/// Every driver function this module calls.
-const REQUIRED_SYMBOLS: &[&str] = &[
-    "cuInit",
-    "cuDeviceGet",
-    "cuDeviceGetName",
-    "cuDeviceGetUuid_v2",
-    "cuDeviceTotalMem_v2",
-    "cuDeviceGetAttribute",
-    "cuDriverGetVersion",
-    "cuDevicePrimaryCtxRetain",
-    "cuDevicePrimaryCtxRelease_v2",
-    "cuMemHostRegister_v2",
-    "cuMemHostUnregister",
-    "cuCtxCreate_v4",
-    "cuCtxDestroy_v2",
-    "cuCtxPopCurrent_v2",
-    "cuCtxSetCurrent",
-    "cuCtxSynchronize",
-    "cuMemAlloc_v2",
-    "cuMemFree_v2",
-    "cuMemcpyHtoD_v2",
-    "cuMemcpyDtoH_v2",
-    "cuMemcpyDtoD_v2",
-    "cuMemcpyHtoDAsync_v2",
-    "cuMemcpyDtoHAsync_v2",
-    "cuMemcpyDtoDAsync_v2",
-    "cuMemsetD8_v2",
-    "cuMemsetD16_v2",
-    "cuMemsetD32_v2",
-    "cuMemsetD8Async",
-    "cuMemsetD16Async",
-    "cuMemsetD32Async",
-    "cuModuleLoadData",
-    "cuModuleUnload",
-    "cuModuleGetFunction",
-    "cuModuleGetGlobal_v2",
-    "cuFuncGetParamInfo",
-    "cuLaunchKernel",
-    "cuStreamCreateWithPriority",
-    "cuStreamDestroy_v2",
-    "cuStreamSynchronize",
-    "cuStreamQuery",
-    "cuStreamWaitEvent",
-    "cuEventCreate",
-    "cuEventRecord",
-    "cuEventSynchronize",
-    "cuEventQuery",
-    "cuEventElapsedTime_v2",
-    "cuEventDestroy_v2",
-];
 
 /// A symbol only vgpu's guest `libcuda.so` exports: finding it means the
 /// library path leads to the guest library instead of NVIDIA's driver.
@@ -194,6 +144,8 @@ pub struct CudaGpu {
     primary: CUcontext,
     primary_id: u64,
     throttle: Arc<Throttle>,
+    /// The slice memory limit: each context's elastic heap holds this much.
+    heap_capacity: u64,
 }
 
 // SAFETY: CUDA contexts and devices may be used from any thread; the
@@ -221,7 +173,11 @@ impl CudaGpu {
         if unsafe { lib.get::<unsafe extern "C" fn()>(GUEST_LIBRARY_MARKER) }.is_ok() {
             return Err(CudaError::GuestLibrary);
         }
-        for &name in REQUIRED_SYMBOLS.iter().chain(super::cuda_func::SYMBOLS) {
+        for &name in REQUIRED_SYMBOLS
+            .iter()
+            .chain(super::cuda_func::SYMBOLS)
+            .chain(elastic::cuda::SYMBOLS)
+        {
             // SAFETY: looks a symbol up without calling or typing it.
             if unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err() {
                 return Err(CudaError::MissingSymbol { name });
@@ -235,6 +191,7 @@ impl CudaGpu {
             cu::cuDeviceGet(&mut device, ordinal_int)
         })?;
         let identity = read_identity(device)?;
+        let heap_capacity = identity.total_mem;
         let mut primary: CUcontext = ptr::null_mut();
         // SAFETY: primary is a valid out-pointer; released in Drop.
         driver("cuDevicePrimaryCtxRetain", unsafe {
@@ -253,6 +210,7 @@ impl CudaGpu {
             primary,
             primary_id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
             throttle: Throttle::disabled(),
+            heap_capacity,
         })
     }
 
@@ -260,6 +218,13 @@ impl CudaGpu {
     /// track their in-flight work (bounded queue, busy time).
     pub fn with_throttle(mut self, throttle: Arc<Throttle>) -> CudaGpu {
         self.throttle = throttle;
+        self
+    }
+
+    /// Sets what each context's elastic heap may hold: the slice memory limit (default: the
+    /// device's memory), for contexts created from now on.
+    pub fn with_heap_capacity(mut self, bytes: u64) -> CudaGpu {
+        self.heap_capacity = bytes;
         self
     }
 }
@@ -332,14 +297,17 @@ impl CudaGpu {
         // SAFETY: ctx is a valid out-pointer; null params are allowed.
         check(unsafe { cu::cuCtxCreate_v4(&mut ctx, ptr::null_mut(), flags, self.device) })?;
         let id = NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let context = CudaContext {
+        let heap = elastic::cuda::context_heap(self.device, self.heap_capacity);
+        let mut context = CudaContext {
             ctx,
             id,
             param_words: Vec::new(),
             param_ptrs: Vec::new(),
             inflight: (self.throttle.enabled())
                 .then(|| SharedTracker::register(ctx, id, &self.throttle, meter)),
+            heap: None,
         };
+        context.heap = heap?;
         // cuCtxCreate pushed the new context; pop it so the thread's current
         // context (and our cache of it) is what it was. On failure,
         // dropping `context` destroys it.
@@ -360,6 +328,8 @@ struct CudaContext {
     param_ptrs: Vec<*mut c_void>,
     /// In-flight tracking, only when a grant board governs dispatch.
     inflight: Option<Arc<SharedTracker>>,
+    /// Guest allocations, unless elastic memory is off (then plain cuMemAlloc).
+    heap: Option<ElasticHeap<CudaChunks>>,
 }
 
 // SAFETY: a CUDA context may be made current on, and used from, any thread;
@@ -377,6 +347,10 @@ impl Drop for CudaContext {
                 tracker.drain(DRAIN_ON_DESTROY);
             }
             tracker.shutdown();
+        }
+        // The heap's chunks are not the context's: free them while it is current.
+        if self.heap.is_some() && self.enter().is_ok() {
+            drop(self.heap.take());
         }
         // SAFETY: the context is owned by self and destroyed only here;
         // this frees everything allocated in it.
@@ -420,8 +394,11 @@ impl CudaContext {
 
     /// Enters the context and accounts one unit of GPU work on `stream`
     /// (which may first wait for older work, see [`super::inflight`]).
-    fn enter_work(&self, stream: StreamRef) -> GpuResult<()> {
+    fn enter_work(&mut self, stream: StreamRef) -> GpuResult<()> {
         self.enter()?;
+        if let Some(heap) = self.heap.as_mut().filter(|h| h.is_swapped()) {
+            heap.swap_in()?; // work needs the context's memory back
+        }
         if let Some(t) = &self.inflight {
             t.lock().before_work(stream_ptr(stream));
         }
@@ -453,6 +430,9 @@ impl GpuContext for CudaContext {
 
     fn mem_alloc(&mut self, size: u64) -> GpuResult<u64> {
         self.enter()?;
+        if let Some(heap) = &mut self.heap {
+            return heap.alloc(size);
+        }
         let mut dptr = 0;
         // SAFETY: dptr is a valid out-pointer.
         check(unsafe { cu::cuMemAlloc_v2(&mut dptr, to_usize(size)?) })?;
@@ -461,6 +441,9 @@ impl GpuContext for CudaContext {
 
     fn mem_free(&mut self, dptr: u64) -> GpuResult<()> {
         self.enter()?;
+        if let Some(heap) = &mut self.heap {
+            return heap.free(dptr).map(drop);
+        }
         // SAFETY: the driver validates the address.
         check(unsafe { cu::cuMemFree_v2(dptr) })
     }
@@ -801,6 +784,20 @@ impl GpuContext for CudaContext {
         self.enter()?;
         // SAFETY: live event handle, not used again by the session layer.
         check(unsafe { cu::cuEventDestroy_v2(from_handle(event)) })
+    }
+
+    fn swap_out(&mut self) -> GpuResult<u64> {
+        self.synchronize()?;
+        self.heap.as_mut().map_or(Ok(0), ElasticHeap::swap_out)
+    }
+
+    fn swap_in(&mut self) -> GpuResult<u64> {
+        self.enter()?;
+        self.heap.as_mut().map_or(Ok(0), ElasticHeap::swap_in)
+    }
+
+    fn memory_usage(&self) -> MemoryUsage {
+        elastic::cuda::usage(self.heap.as_ref())
     }
 
     fn end_batch(&mut self) {

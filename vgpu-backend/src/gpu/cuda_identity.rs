@@ -26,6 +26,58 @@ pub(super) fn log_library_path() {
     }
 }
 
+/// Every driver function `cuda.rs` calls (with `cuda_func::SYMBOLS` and
+/// `elastic::cuda::SYMBOLS`, all checked at open).
+pub(super) const REQUIRED_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDeviceGet",
+    "cuDeviceGetName",
+    "cuDeviceGetUuid_v2",
+    "cuDeviceTotalMem_v2",
+    "cuDeviceGetAttribute",
+    "cuDriverGetVersion",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuMemHostRegister_v2",
+    "cuMemHostUnregister",
+    "cuCtxCreate_v4",
+    "cuCtxDestroy_v2",
+    "cuCtxPopCurrent_v2",
+    "cuCtxSetCurrent",
+    "cuCtxSynchronize",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemcpyHtoD_v2",
+    "cuMemcpyDtoH_v2",
+    "cuMemcpyDtoD_v2",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemcpyDtoDAsync_v2",
+    "cuMemsetD8_v2",
+    "cuMemsetD16_v2",
+    "cuMemsetD32_v2",
+    "cuMemsetD8Async",
+    "cuMemsetD16Async",
+    "cuMemsetD32Async",
+    "cuModuleLoadData",
+    "cuModuleUnload",
+    "cuModuleGetFunction",
+    "cuModuleGetGlobal_v2",
+    "cuFuncGetParamInfo",
+    "cuLaunchKernel",
+    "cuStreamCreateWithPriority",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuStreamQuery",
+    "cuStreamWaitEvent",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventQuery",
+    "cuEventElapsedTime_v2",
+    "cuEventDestroy_v2",
+];
+
 type GetAttributeFn = unsafe extern "C" fn(*mut c_int, c_int, CUdevice) -> c_int;
 
 pub(super) fn read_identity(device: CUdevice) -> Result<DeviceIdentity, CudaError> {

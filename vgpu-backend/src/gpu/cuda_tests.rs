@@ -385,6 +385,7 @@ fn real_gpu_bounds_inflight_work_and_counts_busy_time_once() {
     board.slot(0).unwrap().set_grant(Grant {
         run: false,
         yield_to_lc: true,
+        evict: false,
     });
     ctx.end_batch();
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -18,11 +18,9 @@
 //! stream's order; streams and events exist for handle validation and
 //! timing only.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ptr::NonNull;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::time::Instant;
 
 use tracing::{debug, warn};
@@ -31,9 +29,11 @@ use vgpu_spec::{Status, DEVICE_ATTRIBUTE_SLOTS};
 use super::ptx::{self, ImageKind};
 use super::timed::{self, EmulatedClock};
 use super::{
-    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, ParamLayout, RawHandle,
-    StreamRef,
+    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, MemoryUsage, ParamLayout,
+    RawHandle, StreamRef,
 };
+use crate::elastic;
+use mem::{ContextMemory, Owner};
 
 /// First fake device address handed out.
 const ADDRESS_BASE: u64 = 0x7f00_0000_0000;
@@ -116,6 +116,10 @@ struct Shared {
     used: AtomicU64,
     next_address: AtomicU64,
     clock: EmulatedClock,
+    /// Bytes each context's elastic heap may hold (the slice limit).
+    heap_capacity: AtomicU64,
+    /// Heap address windows of destroyed contexts.
+    windows: Mutex<mem::Windows>,
 }
 
 impl Shared {
@@ -146,6 +150,26 @@ impl Shared {
                 next.checked_add(span).filter(|end| *end <= ADDRESS_END)
             })
             .map_err(|_| Status::OUT_OF_MEMORY)
+    }
+
+    fn heap_capacity(&self) -> u64 {
+        self.heap_capacity.load(Ordering::Acquire)
+    }
+
+    /// A chunk-aligned device address window of `len` bytes for a context's heap.
+    fn take_window(&self, len: u64) -> GpuResult<u64> {
+        let reused = self.windows.lock().ok().and_then(|mut w| w.take(len));
+        match reused {
+            Some(base) => Ok(base),
+            None => mem::align_window(self.reserve_address(len.saturating_add(elastic::CHUNK))?),
+        }
+    }
+
+    /// Gives a heap window back for the next context.
+    fn return_window(&self, base: u64, len: u64) {
+        if let Ok(mut windows) = self.windows.lock() {
+            windows.give_back(base, len);
+        }
     }
 }
 
@@ -183,6 +207,8 @@ impl EmulatedGpu {
                 used: AtomicU64::new(0),
                 next_address: AtomicU64::new(ADDRESS_BASE),
                 clock,
+                heap_capacity: AtomicU64::new(total_mem),
+                windows: Mutex::new(mem::Windows::default()),
             }),
         }
     }
@@ -195,6 +221,13 @@ impl EmulatedGpu {
         self.shared
             .next_address
             .store(ADDRESS_BASE + offset, Ordering::Release);
+        self
+    }
+
+    /// Sets the bytes each context's elastic heap may hold: the slice memory limit (default:
+    /// the device's total memory). Applies to contexts whose first allocation comes after.
+    pub fn with_heap_capacity(self, bytes: u64) -> EmulatedGpu {
+        self.shared.heap_capacity.store(bytes, Ordering::Release);
         self
     }
 
@@ -227,7 +260,7 @@ impl Gpu for EmulatedGpu {
         });
         Ok(Box::new(fault::Faulting::new(EmulatedContext {
             shared: Arc::clone(&self.shared),
-            allocs: BTreeMap::new(),
+            mem: ContextMemory::new(Arc::clone(&self.shared)),
             modules: HashMap::new(),
             functions: HashMap::new(),
             streams: HashSet::new(),
@@ -235,60 +268,6 @@ impl Gpu for EmulatedGpu {
             next_handle: 1,
         })))
     }
-}
-
-/// Zeroed host memory standing in for device memory.
-struct Block {
-    ptr: NonNull<u8>,
-    len: usize,
-    layout: Layout,
-}
-
-// SAFETY: Block exclusively owns its allocation, like a Box<[u8]>.
-unsafe impl Send for Block {}
-
-impl Block {
-    /// Allocates `len` zeroed bytes, or None if the host has no memory
-    /// (never aborts the process). Large blocks are mapped lazily by the
-    /// allocator, so untouched memory costs nothing.
-    fn zeroed(len: u64) -> Option<Block> {
-        let len = usize::try_from(len).ok()?;
-        let layout = Layout::from_size_align(len.max(1), ALLOC_ALIGN as usize).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = NonNull::new(unsafe { alloc_zeroed(layout) })?;
-        Some(Block { ptr, len, layout })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr points to an owned, initialized (zeroed) allocation of
-        // at least len bytes, borrowed for the lifetime of &self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_slice, and &mut self makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        // SAFETY: ptr was returned by alloc_zeroed with exactly this layout
-        // and is freed only here.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) };
-    }
-}
-
-/// Who owns an allocation: the guest (mem_alloc) or a module (its globals).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Owner {
-    Guest,
-    Module(RawHandle),
-}
-
-struct Alloc {
-    block: Block,
-    owner: Owner,
 }
 
 struct Module {
@@ -311,20 +290,12 @@ struct Event {
 /// One emulated context: its allocations, modules, streams and events.
 struct EmulatedContext {
     shared: Arc<Shared>,
-    allocs: BTreeMap<u64, Alloc>,
+    mem: ContextMemory,
     modules: HashMap<RawHandle, Module>,
     functions: HashMap<RawHandle, Function>,
     streams: HashSet<RawHandle>,
     events: HashMap<RawHandle, Event>,
     next_handle: RawHandle,
-}
-
-impl Drop for EmulatedContext {
-    fn drop(&mut self) {
-        for alloc in self.allocs.values() {
-            self.shared.release(alloc.block.len as u64);
-        }
-    }
 }
 
 impl EmulatedContext {
@@ -343,63 +314,6 @@ impl EmulatedContext {
 
     fn event(&mut self, event: RawHandle) -> GpuResult<&mut Event> {
         self.events.get_mut(&event).ok_or(Status::INVALID_HANDLE)
-    }
-
-    /// Allocates, charges and maps a zeroed block.
-    fn allocate(&mut self, size: u64, owner: Owner) -> GpuResult<u64> {
-        self.shared.charge(size)?;
-        let Some(block) = Block::zeroed(size) else {
-            self.shared.release(size);
-            return Err(Status::OUT_OF_MEMORY);
-        };
-        let address = match self.shared.reserve_address(size) {
-            Ok(address) => address,
-            Err(status) => {
-                self.shared.release(size);
-                return Err(status);
-            }
-        };
-        self.allocs.insert(address, Alloc { block, owner });
-        Ok(address)
-    }
-
-    /// The allocation containing `[addr, addr + len)`: (start, offset).
-    fn locate(&self, addr: u64, len: u64) -> GpuResult<(u64, usize)> {
-        let (&start, alloc) = self
-            .allocs
-            .range(..=addr)
-            .next_back()
-            .ok_or(Status::INVALID_VALUE)?;
-        let offset = addr - start;
-        offset
-            .checked_add(len)
-            .filter(|end| *end <= alloc.block.len as u64)
-            .ok_or(Status::INVALID_VALUE)?;
-        // offset <= block length, which is a usize.
-        Ok((start, offset as usize))
-    }
-
-    fn bytes_mut(&mut self, addr: u64, len: u64) -> GpuResult<&mut [u8]> {
-        let (start, offset) = self.locate(addr, len)?;
-        let alloc = self.allocs.get_mut(&start).ok_or(Status::INVALID_VALUE)?;
-        Ok(&mut alloc.block.as_mut_slice()[offset..offset + len as usize])
-    }
-
-    fn bytes(&self, addr: u64, len: u64) -> GpuResult<&[u8]> {
-        let (start, offset) = self.locate(addr, len)?;
-        let alloc = self.allocs.get(&start).ok_or(Status::INVALID_VALUE)?;
-        Ok(&alloc.block.as_slice()[offset..offset + len as usize])
-    }
-
-    fn free_owned_by(&mut self, owner: Owner) {
-        let shared = &self.shared;
-        self.allocs.retain(|_, alloc| {
-            let keep = alloc.owner != owner;
-            if !keep {
-                shared.release(alloc.block.len as u64);
-            }
-            keep
-        });
     }
 }
 
@@ -431,21 +345,24 @@ impl GpuContext for EmulatedContext {
     }
 
     fn mem_alloc(&mut self, size: u64) -> GpuResult<u64> {
-        if size == 0 {
-            return Err(Status::INVALID_VALUE);
-        }
-        self.allocate(size, Owner::Guest)
+        self.mem.alloc_guest(size)
     }
 
     fn mem_free(&mut self, dptr: u64) -> GpuResult<()> {
-        match self.allocs.get(&dptr) {
-            Some(alloc) if alloc.owner == Owner::Guest => {
-                self.shared.release(alloc.block.len as u64);
-                self.allocs.remove(&dptr);
-                Ok(())
-            }
-            _ => Err(Status::INVALID_VALUE),
-        }
+        self.mem.free_guest(dptr)
+    }
+
+    fn swap_out(&mut self) -> GpuResult<u64> {
+        self.synchronize()?;
+        self.mem.swap_out()
+    }
+
+    fn swap_in(&mut self) -> GpuResult<u64> {
+        self.mem.swap_in()
+    }
+
+    fn memory_usage(&self) -> MemoryUsage {
+        self.mem.usage()
     }
 
     fn memcpy_htod(
@@ -461,7 +378,7 @@ impl GpuContext for EmulatedContext {
         if total == 0 {
             return Ok(());
         }
-        let mut dst = self.bytes_mut(dst, total)?;
+        let mut dst = self.mem.bytes_mut(dst, total)?;
         for buf in src {
             let (head, rest) = dst.split_at_mut(buf.len());
             buf.read_at(0, head)?;
@@ -482,7 +399,7 @@ impl GpuContext for EmulatedContext {
         if total == 0 {
             return Ok(());
         }
-        let mut src = self.bytes(src, total)?;
+        let mut src = self.mem.bytes(src, total)?;
         for buf in dst {
             let (head, rest) = src.split_at(buf.len());
             buf.write_at(0, head)?;
@@ -503,30 +420,7 @@ impl GpuContext for EmulatedContext {
         if size == 0 {
             return Ok(());
         }
-        let (src_start, src_off) = self.locate(src, size)?;
-        let (dst_start, dst_off) = self.locate(dst, size)?;
-        let len = size as usize; // fits: it lies inside one block
-        if src_start == dst_start {
-            let alloc = self
-                .allocs
-                .get_mut(&src_start)
-                .ok_or(Status::INVALID_VALUE)?;
-            alloc
-                .block
-                .as_mut_slice()
-                .copy_within(src_off..src_off + len, dst_off);
-            return Ok(());
-        }
-        // Take the source out so both blocks can be borrowed at once.
-        let source = self
-            .allocs
-            .remove(&src_start)
-            .ok_or(Status::INVALID_VALUE)?;
-        let result = self.bytes_mut(dst, size).map(|dst| {
-            dst.copy_from_slice(&source.block.as_slice()[src_off..src_off + len]);
-        });
-        self.allocs.insert(src_start, source);
-        result
+        self.mem.copy(dst, src, size)
     }
 
     fn memset(
@@ -548,7 +442,7 @@ impl GpuContext for EmulatedContext {
         if len == 0 {
             return Ok(());
         }
-        let bytes = self.bytes_mut(dst, len)?;
+        let bytes = self.mem.bytes_mut(dst, len)?;
         match elem_size {
             1 => bytes.fill(value as u8),
             2 => bytes
@@ -595,12 +489,12 @@ impl GpuContext for EmulatedContext {
         let handle = self.new_handle();
         let mut globals = HashMap::new();
         for (name, size) in parsed.globals {
-            match self.allocate(size, Owner::Module(handle)) {
+            match self.mem.allocate_block(size, Owner::Module(handle)) {
                 Ok(address) => {
                     globals.insert(name, (address, size));
                 }
                 Err(status) => {
-                    self.free_owned_by(Owner::Module(handle));
+                    self.mem.free_owned_by(Owner::Module(handle));
                     return Err(status);
                 }
             }
@@ -627,7 +521,7 @@ impl GpuContext for EmulatedContext {
         for function in removed.functions.values() {
             self.functions.remove(function);
         }
-        self.free_owned_by(Owner::Module(module));
+        self.mem.free_owned_by(Owner::Module(module));
         Ok(())
     }
 
@@ -787,6 +681,9 @@ impl GpuContext for EmulatedContext {
             .ok_or(Status::INVALID_HANDLE)
     }
 }
+
+#[path = "emulated_mem.rs"]
+mod mem;
 
 #[path = "fault.rs"]
 pub mod fault;

@@ -18,7 +18,9 @@ use std::collections::HashSet;
 
 use vgpu_spec::Status;
 
-use super::{GpuContext, GpuResult, HostBuf, LaunchConfig, ParamLayout, RawHandle, StreamRef};
+use super::{
+    GpuContext, GpuResult, HostBuf, LaunchConfig, MemoryUsage, ParamLayout, RawHandle, StreamRef,
+};
 
 /// The entry point of the faulting kernel.
 pub const FAULT_ENTRY: &str = "vgpu_fault";
@@ -227,6 +229,19 @@ impl<C: GpuContext> GpuContext for Faulting<C> {
 
     fn end_batch(&mut self) {
         self.inner.end_batch();
+    }
+
+    /// Memory is reclaimed from poisoned contexts too.
+    fn swap_out(&mut self) -> GpuResult<u64> {
+        self.inner.swap_out()
+    }
+
+    fn swap_in(&mut self) -> GpuResult<u64> {
+        self.inner.swap_in()
+    }
+
+    fn memory_usage(&self) -> MemoryUsage {
+        self.inner.memory_usage()
     }
 }
 

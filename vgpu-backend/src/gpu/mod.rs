@@ -88,6 +88,25 @@ pub struct OccupancyQuery {
     pub num_blocks: u32,
 }
 
+/// A context's device memory, in chunk bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUsage {
+    /// On the device (mapped).
+    pub resident: u64,
+    /// Swapped out to host memory.
+    pub swapped: u64,
+}
+
+impl std::ops::Add for MemoryUsage {
+    type Output = MemoryUsage;
+    fn add(self, other: MemoryUsage) -> MemoryUsage {
+        MemoryUsage {
+            resident: self.resident.saturating_add(other.resident),
+            swapped: self.swapped.saturating_add(other.swapped),
+        }
+    }
+}
+
 /// A host buffer an executor may read or write: a piece of mapped guest
 /// memory that the session layer has validated.
 #[derive(Clone, Copy, Debug)]
@@ -283,6 +302,24 @@ pub trait GpuContext: Send {
     fn occupancy(&mut self, function: RawHandle, query: &OccupancyQuery) -> GpuResult<i64> {
         let _ = (function, query);
         Err(Status::NOT_SUPPORTED)
+    }
+
+    /// Elastic memory: drains the context's work, copies its guest allocations' chunks to host
+    /// memory and unmaps them (device pointers stay valid once swapped back in). Returns the
+    /// bytes moved.
+    fn swap_out(&mut self) -> GpuResult<u64> {
+        Err(Status::NOT_SUPPORTED)
+    }
+
+    /// Elastic memory: maps the context's chunks back at the same addresses and restores them.
+    /// `OUT_OF_MEMORY` leaves the context swapped out (nothing lost). Returns the bytes moved.
+    fn swap_in(&mut self) -> GpuResult<u64> {
+        Err(Status::NOT_SUPPORTED)
+    }
+
+    /// Elastic memory: the context's chunk bytes on the device and swapped out.
+    fn memory_usage(&self) -> MemoryUsage {
+        MemoryUsage::default()
     }
 
     /// Creates a stream.

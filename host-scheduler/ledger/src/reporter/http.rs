@@ -22,7 +22,7 @@ pub struct Response {
 
 /// Sends one request and reads the whole answer. `on_connected` runs once the connection is
 /// made, before anything is written.
-pub(crate) fn request(
+pub fn request(
     socket: &Path,
     method: &str,
     target: &str,

@@ -121,6 +121,7 @@ impl SharePolicy {
                         grants[i] = Grant {
                             run: true,
                             yield_to_lc: false,
+                            evict: false,
                         };
                     }
                 }
@@ -134,6 +135,7 @@ impl SharePolicy {
         let be_grant = Grant {
             run: true,
             yield_to_lc: !lc_held,
+            evict: false,
         };
         if pool.is_empty() {
             self.holders.remove(&gpu);
@@ -180,6 +182,7 @@ impl SharePolicy {
             SliceClass::LatencyCritical => Grant {
                 run: true,
                 yield_to_lc: false,
+                evict: false,
             },
             SliceClass::BestEffort => be_grant,
         };
@@ -191,6 +194,7 @@ fn held(class: SliceClass) -> Grant {
     Grant {
         run: false,
         yield_to_lc: class == SliceClass::BestEffort,
+        evict: false,
     }
 }
 

@@ -5,6 +5,7 @@ const WINDOW: u64 = 100 * MS;
 const RUN: Grant = Grant {
     run: true,
     yield_to_lc: false,
+    evict: false,
 };
 
 fn policy() -> SharePolicy {

@@ -1,0 +1,250 @@
+//! Memory arbitration (decision 7): each slice has a memory guarantee and a limit; above its
+//! guarantee it uses idle memory, which the scheduler reclaims when another slice needs memory
+//! within its own guarantee.
+//!
+//! Reclaim is the board's `evict` bit: the victim's backend freezes it, drains its work, swaps
+//! its memory out to host memory and publishes `mem_resident` 0 (see `vgpu-backend`'s
+//! `memctl`). The scheduler clears the bit again once the GPU has room for the victim's
+//! swapped bytes; its backend then maps them back at the same addresses and it runs on.
+//!
+//! Victims are chosen by [`choose_victims`]: slices on the same GPU holding memory above their
+//! guarantee, best-effort before latency-critical, most recently idle first.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::service::{Core, ServiceError};
+use crate::slice::SliceClass;
+
+/// How long a reclaim or restore request waits for the backend.
+pub const WAIT: Duration = Duration::from_secs(30);
+/// How often it looks.
+const POLL: Duration = Duration::from_millis(1);
+
+/// One slice's memory, as the board shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SliceMemory {
+    /// The slice.
+    pub name: String,
+    /// Its GPU.
+    pub gpu: u32,
+    /// Its class.
+    pub class: SliceClass,
+    /// Its memory guarantee, bytes.
+    pub guarantee: u64,
+    /// Its memory limit, bytes.
+    pub limit: u64,
+    /// On the GPU now, bytes.
+    pub resident: u64,
+    /// Swapped out to host memory, bytes.
+    pub swapped: u64,
+    /// Reclaims so far.
+    pub reclaims: u64,
+    /// The scheduler asks it to give its memory back.
+    pub evicted: bool,
+    /// Reclaimed for a claim: restored by itself once its memory fits again.
+    pub restore_when_room: bool,
+    /// It has GPU work now (an idle slice is reclaimed first).
+    pub busy: bool,
+    /// GPU time in the last second, %.
+    pub busy_pct: f64,
+}
+
+/// A claim for memory within a slice's guarantee.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Claim {
+    /// Bytes the slice needs beyond what it holds.
+    pub bytes: u64,
+}
+
+/// What a reclaim, restore or claim did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    /// The slices whose memory was taken (reclaim, claim) or given back (restore).
+    pub slices: Vec<String>,
+    /// Bytes moved (swapped out or back in).
+    pub bytes: u64,
+    /// Time from the request to the backends' confirmation, milliseconds.
+    pub ms: f64,
+}
+
+/// Picks the slices to reclaim so that `needed` bytes come free for `claimant`: slices on its
+/// GPU with memory above their guarantee (what they hold beyond it is what can be taken),
+/// best-effort first, then the idle before the busy, the least recently busy first. Returns
+/// the victims' names, or `None` when even all of them would not free enough.
+pub fn choose_victims(all: &[SliceMemory], claimant: &str, needed: u64) -> Option<Vec<String>> {
+    let me = all.iter().find(|s| s.name == claimant)?;
+    let mut candidates: Vec<&SliceMemory> = all
+        .iter()
+        .filter(|s| s.name != claimant && s.gpu == me.gpu && !s.evicted && s.resident > s.guarantee)
+        .collect();
+    candidates.sort_by(|a, b| {
+        let rank = |s: &SliceMemory| (s.class == SliceClass::LatencyCritical, s.busy);
+        rank(a)
+            .cmp(&rank(b))
+            .then(a.busy_pct.total_cmp(&b.busy_pct))
+    });
+    let mut freed = 0u64;
+    let mut victims = Vec::new();
+    for c in candidates {
+        if freed >= needed {
+            break;
+        }
+        // The whole slice is swapped out, so all it holds comes free.
+        freed = freed.saturating_add(c.resident);
+        victims.push(c.name.clone());
+    }
+    (freed >= needed).then_some(victims)
+}
+
+/// Why a memory request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// From the registry or board.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    /// The slice holds no board slot (not attached).
+    #[error("Slice {0} is not attached")]
+    NotAttached(String),
+    /// A claim beyond the slice's guarantee: such memory is only lent when idle.
+    #[error("Slice {name} asks for {bytes} bytes beyond its memory guarantee of {guarantee} bytes (it holds {resident}); memory above the guarantee is only lent, not reclaimed for")]
+    BeyondGuarantee {
+        /// The slice.
+        name: String,
+        /// Bytes asked for.
+        bytes: u64,
+        /// Its guarantee.
+        guarantee: u64,
+        /// What it holds.
+        resident: u64,
+    },
+    /// Not enough memory above other slices' guarantees.
+    #[error("No slice on GPU {gpu} holds {bytes} bytes above its guarantee to give back")]
+    NothingToReclaim {
+        /// The GPU.
+        gpu: u32,
+        /// Bytes asked for.
+        bytes: u64,
+    },
+    /// The backends did not confirm in time.
+    #[error("The backends of {0:?} did not confirm within {WAIT:?}")]
+    Timeout(Vec<String>),
+}
+
+impl Core {
+    /// Reclaims every named slice's memory and waits until their backends confirm (nothing
+    /// resident).
+    pub async fn reclaim(&self, names: &[String]) -> Result<Outcome, MemoryError> {
+        self.reclaim_for(names, false).await
+    }
+
+    async fn reclaim_for(&self, names: &[String], auto: bool) -> Result<Outcome, MemoryError> {
+        let start = Instant::now();
+        let before: u64 = self.memory_of(names)?.iter().map(|m| m.resident).sum();
+        for name in names {
+            self.set_evicted(name, true, auto)?;
+        }
+        self.wait_for(names, |m| m.resident == 0 && m.evicted)
+            .await?;
+        Ok(Outcome {
+            slices: names.to_vec(),
+            bytes: before,
+            ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Gives the named slices their memory back and waits until their backends confirm.
+    pub async fn restore(&self, names: &[String]) -> Result<Outcome, MemoryError> {
+        let start = Instant::now();
+        let before: u64 = self.memory_of(names)?.iter().map(|m| m.swapped).sum();
+        for name in names {
+            self.set_evicted(name, false, false)?;
+        }
+        self.wait_for(names, |m| m.swapped == 0 && !m.evicted)
+            .await?;
+        Ok(Outcome {
+            slices: names.to_vec(),
+            bytes: before,
+            ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// A slice needs `bytes` more within its guarantee and the GPU is full: reclaims what the
+    /// policy picks from other slices.
+    pub async fn claim(&self, name: &str, bytes: u64) -> Result<Outcome, MemoryError> {
+        let all = self.memory();
+        let me = all
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| MemoryError::NotAttached(name.to_string()))?;
+        if me.resident.saturating_add(bytes) > me.guarantee {
+            return Err(MemoryError::BeyondGuarantee {
+                name: name.to_string(),
+                bytes,
+                guarantee: me.guarantee,
+                resident: me.resident,
+            });
+        }
+        let victims = choose_victims(&all, name, bytes)
+            .ok_or(MemoryError::NothingToReclaim { gpu: me.gpu, bytes })?;
+        tracing::info!(slice = %name, bytes, ?victims, "reclaiming memory for a slice within its guarantee");
+        self.reclaim_for(&victims, true).await
+    }
+
+    /// Clears `evict` for reclaimed slices whose swapped bytes fit on their GPU again (by the
+    /// scheduler's estimate; a backend that still cannot map them stays frozen and retries).
+    /// Called periodically.
+    pub fn restore_when_room(&self, gpu_memory: impl Fn(u32) -> u64) {
+        let all = self.memory();
+        for m in all.iter().filter(|m| m.evicted && m.restore_when_room) {
+            let used: u64 = all
+                .iter()
+                .filter(|o| o.gpu == m.gpu)
+                .map(|o| o.resident)
+                .sum();
+            if used.saturating_add(m.swapped) <= gpu_memory(m.gpu) {
+                if let Err(e) = self.set_evicted(&m.name, false, false) {
+                    tracing::warn!(slice = %m.name, "cannot restore: {e}");
+                } else {
+                    tracing::info!(slice = %m.name, swapped = m.swapped, "memory fits again: restoring");
+                }
+            }
+        }
+    }
+
+    fn memory_of(&self, names: &[String]) -> Result<Vec<SliceMemory>, MemoryError> {
+        let all = self.memory();
+        names
+            .iter()
+            .map(|n| {
+                all.iter()
+                    .find(|m| &m.name == n)
+                    .cloned()
+                    .ok_or_else(|| MemoryError::NotAttached(n.clone()))
+            })
+            .collect()
+    }
+
+    async fn wait_for(
+        &self,
+        names: &[String],
+        done: impl Fn(&SliceMemory) -> bool,
+    ) -> Result<(), MemoryError> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let all = self.memory_of(names)?;
+            if all.iter().all(&done) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(MemoryError::Timeout(names.to_vec()));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "memory_tests.rs"]
+mod tests;

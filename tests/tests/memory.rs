@@ -1,0 +1,153 @@
+//! Elastic memory end to end on the emulated device: the scheduler reclaims a slice's device
+//! memory (its backend workers freeze it, swap its chunks out to host memory and unmap them)
+//! and restores it (mapped back at the same addresses), many times, while its guests' patterns
+//! must survive byte for byte; a reclaimed guest is held, not failed; a guest that disconnects
+//! while swapped out frees everything.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use vgpu_tests::{build_c_program, client_command, poll_until, Client, SchedulerProcess};
+
+const WAIT: Duration = Duration::from_secs(60);
+const MIB: u64 = 1 << 20;
+
+fn config() -> String {
+    let slice = |name: &str, class: &str, guarantee: &str| {
+        format!(
+            "[[slice]]\nname = \"{name}\"\ntenant = \"t-{name}\"\nclass = \"{class}\"\n\
+             compute_guarantee_pct = 30\nmemory_guarantee = \"{guarantee}\"\n\
+             memory_limit = \"256MiB\"\nattach = true\n\n"
+        )
+    };
+    format!(
+        "device = \"emulated\"\n\n[[gpu]]\nindex = 0\nmemory = \"1GiB\"\n\n{}{}",
+        slice("be", "best-effort", "0MiB"),
+        slice("lc", "latency-critical", "256MiB")
+    )
+}
+
+fn tenant(socket: &Path) -> Client {
+    let mut c = Client::spawn(client_command(&build_c_program("memory_client"), socket));
+    c.wait_for_line("READY", WAIT);
+    c
+}
+
+/// Sends `cmd` and returns the first number on its answer line.
+fn ask(client: &mut Client, cmd: &str, answer: &str) -> u64 {
+    client.send_line(cmd);
+    let line = client.wait_for_line(answer, WAIT);
+    line[answer.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .parse()
+        .unwrap_or_else(|e| panic!("Bad line {line:?}: {e}"))
+}
+
+/// The `/v1/memory` entry of a slice.
+fn memory(sched: &SchedulerProcess, name: &str) -> Value {
+    let (status, body) = sched
+        .request("GET", "/v1/memory", None)
+        .unwrap_or_else(|| panic!("The scheduler's API does not answer\n{}", sched.log()));
+    assert_eq!(status, 200, "{body}");
+    let all: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("Bad JSON {body}: {e}"));
+    all.as_array()
+        .and_then(|a| a.iter().find(|m| m["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("No slice {name} in {body}"))
+}
+
+fn post(sched: &SchedulerProcess, path: &str) -> Value {
+    let (status, body) = sched
+        .request("POST", path, None)
+        .unwrap_or_else(|| panic!("The scheduler's API does not answer\n{}", sched.log()));
+    assert_eq!(status, 200, "POST {path}: {body}\n{}", sched.log());
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("Bad JSON {body}: {e}"))
+}
+
+#[test]
+fn a_reclaimed_slice_keeps_every_byte_through_many_swap_cycles_and_its_neighbour_runs_on() {
+    let sched = SchedulerProcess::spawn(&config());
+    let be = sched.wait_for_slice("be");
+    let lc = sched.wait_for_slice("lc");
+    // Two guest processes on the victim slice (two workers), one on the other slice.
+    let mut a = tenant(&be);
+    let mut b = tenant(&be);
+    let mut other = tenant(&lc);
+    assert!(ask(&mut a, "alloc 3 4", "ALLOCATED") >= 12 * MIB);
+    assert!(ask(&mut b, "alloc 5 2", "ALLOCATED") >= 10 * MIB);
+    assert!(ask(&mut other, "alloc 2 3", "ALLOCATED") >= 6 * MIB);
+    poll_until(WAIT, "the victim's memory to be published", || {
+        (memory(&sched, "be")["resident"].as_u64()? >= 22 * MIB).then_some(())
+    });
+
+    for round in 1..=5u64 {
+        let done = post(&sched, "/v1/slices/be/reclaim");
+        assert!(done["bytes"].as_u64().unwrap() >= 22 * MIB, "{done}");
+        let m = memory(&sched, "be");
+        assert_eq!(m["resident"], 0, "{m}");
+        assert!(m["swapped"].as_u64().unwrap() >= 22 * MIB, "{m}");
+        assert!(m["reclaims"].as_u64().unwrap() >= round, "{m}");
+        assert!(memory(&sched, "lc")["resident"].as_u64().unwrap() >= 6 * MIB);
+
+        // The victim is frozen: its guest waits (no error), its neighbour slice runs.
+        a.send_line("sample");
+        assert_eq!(
+            a.try_line("SAMPLED", Duration::from_millis(300)),
+            None,
+            "a frozen guest must wait"
+        );
+        assert!(ask(&mut other, "verify", "VERIFIED ") > 0);
+
+        post(&sched, "/v1/slices/be/restore");
+        assert!(a.wait_for_line("SAMPLED", WAIT)["SAMPLED ".len()..].trim() != "0");
+        for c in [&mut a, &mut b] {
+            assert!(ask(c, "verify", "VERIFIED ") > 0, "round {round}");
+            ask(c, &format!("fill {round}"), "FILLED ");
+        }
+        let m = memory(&sched, "be");
+        assert_eq!(m["swapped"], 0, "{m}");
+    }
+    for c in [a, b, other] {
+        let mut c = c;
+        c.send_line("stop");
+        c.wait(WAIT).assert_passed();
+    }
+}
+
+#[test]
+fn a_guest_that_disconnects_while_swapped_out_frees_everything() {
+    let sched = SchedulerProcess::spawn(&config());
+    let be = sched.wait_for_slice("be");
+    let mut a = tenant(&be);
+    ask(&mut a, "alloc 4 8", "ALLOCATED");
+    poll_until(WAIT, "the memory to be published", || {
+        (memory(&sched, "be")["resident"].as_u64()? >= 32 * MIB).then_some(())
+    });
+    post(&sched, "/v1/slices/be/reclaim");
+    assert!(memory(&sched, "be")["swapped"].as_u64().unwrap() >= 32 * MIB);
+    a.kill();
+    poll_until(WAIT, "the dead guest's swapped memory to be freed", || {
+        let m = memory(&sched, "be");
+        (m["swapped"] == 0 && m["resident"] == 0).then_some(())
+    });
+    post(&sched, "/v1/slices/be/restore");
+    // The whole limit is free again for a new guest.
+    let mut fresh = tenant(&be);
+    fresh.send_line("meminfo");
+    let line = fresh.wait_for_line("MEMINFO", WAIT);
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(
+        nums[0], nums[1],
+        "free == total after the swapped guest left: {line}"
+    );
+    assert!(ask(&mut fresh, "alloc 64 3", "ALLOCATED") >= 192 * MIB);
+    assert!(ask(&mut fresh, "verify", "VERIFIED ") > 0);
+    fresh.send_line("stop");
+    fresh.wait(WAIT).assert_passed();
+}

@@ -1,0 +1,261 @@
+//! Tests of `cuda.rs`. The GPU ones run only where a real GPU is present:
+//! `cargo test -p vgpu-backend elastic -- --ignored --nocapture`.
+
+use std::time::Instant;
+
+use super::*;
+use crate::gpu::cuda::CudaGpu;
+use crate::gpu::{Gpu, GpuContext, HostBuf, LaunchConfig};
+
+#[test]
+fn runs_merge_consecutive_chunks_only() {
+    let vas = [0, CHUNK, 2 * CHUNK, 5 * CHUNK, 7 * CHUNK, 8 * CHUNK];
+    assert_eq!(
+        runs(&vas),
+        vec![(0, 3 * CHUNK), (5 * CHUNK, CHUNK), (7 * CHUNK, 2 * CHUNK)]
+    );
+    assert!(runs(&[]).is_empty());
+}
+
+#[test]
+fn every_symbol_is_listed_once() {
+    let mut names = SYMBOLS.to_vec();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), SYMBOLS.len());
+}
+
+/// `inc(p, n)` adds 1 to `n` u32s at `p`: proves kernels can read and write restored chunks.
+const PTX: &str = "\
+.version 7.0
+.target sm_80
+.address_size 64
+
+.visible .entry inc(
+    .param .u64 .ptr .global .align 1 inc_p,
+    .param .u32 inc_n
+)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<8>;
+    .reg .b64 %rd<5>;
+
+    ld.param.u64 %rd1, [inc_p];
+    ld.param.u32 %r1, [inc_n];
+    mov.u32 %r2, %ctaid.x;
+    mov.u32 %r3, %ntid.x;
+    mov.u32 %r4, %tid.x;
+    mad.lo.s32 %r5, %r2, %r3, %r4;
+    setp.ge.u32 %p1, %r5, %r1;
+    @%p1 bra DONE;
+    cvta.to.global.u64 %rd2, %rd1;
+    mul.wide.u32 %rd3, %r5, 4;
+    add.s64 %rd4, %rd2, %rd3;
+    ld.global.u32 %r6, [%rd4];
+    add.s32 %r7, %r6, 1;
+    st.global.u32 [%rd4], %r7;
+DONE:
+    ret;
+}
+";
+
+fn host(v: &mut [u8]) -> HostBuf {
+    // SAFETY: the test keeps `v` alive and untouched while the buffer is used.
+    unsafe { HostBuf::new(v.as_mut_ptr(), v.len()) }
+}
+
+fn read(ctx: &mut Box<dyn GpuContext>, src: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    ctx.memcpy_dtoh(&[host(&mut out)], src, None, false)
+        .unwrap();
+    out
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+        .collect()
+}
+
+fn open() -> CudaGpu {
+    assert!(
+        enabled_by_env(),
+        "unset VGPU_ELASTIC to test elastic memory"
+    );
+    CudaGpu::open(0).expect("open device 0")
+}
+
+/// Bytes of allocations from 1 byte to several chunks survive swap cycles interleaved with
+/// frees and new allocations, pointers never move, and a kernel works on restored memory.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn real_gpu_elastic_memory_keeps_every_byte_across_swap_cycles() {
+    let gpu = open().with_heap_capacity(1 << 30);
+    let mut ctx = gpu.create_context(0).unwrap();
+    let sizes = [1usize, 100, 4096, 1 << 20, (2 << 20) + 12345, 7 << 20];
+    let mut live: Vec<(u64, usize, u32)> = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let d = ctx.mem_alloc(size as u64).unwrap();
+        assert_eq!(d % 512, 0);
+        if size >= CHUNK as usize {
+            assert_eq!(d % CHUNK, 0, "large allocations start on a chunk");
+        }
+        let mut data = pattern(i as u32, size);
+        ctx.memcpy_htod(d, &[host(&mut data)], None, false, false)
+            .unwrap();
+        live.push((d, size, i as u32));
+    }
+    let usage = ctx.memory_usage();
+    assert!(
+        usage.resident >= 9 * CHUNK && usage.swapped == 0,
+        "{usage:?}"
+    );
+    for cycle in 0..8u32 {
+        let moved = ctx.swap_out().unwrap();
+        let usage = ctx.memory_usage();
+        assert_eq!((usage.resident, usage.swapped), (0, moved));
+        if cycle % 2 == 1 {
+            let (d, _, _) = live.remove(0);
+            ctx.mem_free(d).unwrap(); // freed while swapped out
+        }
+        assert_eq!(ctx.swap_in().unwrap(), ctx.memory_usage().resident);
+        let seed = 100 + cycle;
+        let size = 3 << 20;
+        let d = ctx.mem_alloc(size as u64).unwrap();
+        let mut data = pattern(seed, size);
+        ctx.memcpy_htod(d, &[host(&mut data)], None, false, false)
+            .unwrap();
+        live.push((d, size, seed));
+        for &(d, size, seed) in &live {
+            assert!(
+                read(&mut ctx, d, size) == pattern(seed, size),
+                "lost {d:#x}"
+            );
+        }
+    }
+    // A kernel reads and writes restored memory.
+    let (d, size, seed) = live[live.len() - 1];
+    ctx.swap_out().unwrap();
+    ctx.swap_in().unwrap();
+    let m = ctx.module_load(PTX.as_bytes()).unwrap();
+    let (f, layout) = ctx.get_function(m, "inc").unwrap();
+    let n = (size / 4) as u32;
+    let mut params = d.to_le_bytes().to_vec();
+    params.extend_from_slice(&n.to_le_bytes());
+    let config = LaunchConfig {
+        grid: [n.div_ceil(256), 1, 1],
+        block: [256, 1, 1],
+        shared_mem: 0,
+    };
+    ctx.launch(f, config, None, &params, &layout).unwrap();
+    ctx.synchronize().unwrap();
+    let expected: Vec<u8> = pattern(seed, size)
+        .chunks_exact(4)
+        .flat_map(|w| {
+            let v = u32::from_le_bytes(w.try_into().unwrap());
+            v.wrapping_add(1).to_le_bytes()
+        })
+        .collect();
+    assert!(read(&mut ctx, d, size) == expected);
+    for (d, _, _) in live {
+        ctx.mem_free(d).unwrap();
+    }
+    assert_eq!(ctx.memory_usage().resident, 0);
+}
+
+/// Work in a swapped-out context (a copy, a memset) swaps it in first.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn real_gpu_work_in_a_swapped_out_context_brings_its_memory_back() {
+    let gpu = open().with_heap_capacity(256 << 20);
+    let mut ctx = gpu.create_context(0).unwrap();
+    let d = ctx.mem_alloc(1 << 20).unwrap();
+    ctx.memset(d, 0x5a, 1, 1 << 20, None, false).unwrap();
+    ctx.swap_out().unwrap();
+    assert_eq!(ctx.memory_usage().resident, 0);
+    assert_eq!(read(&mut ctx, d, 16), vec![0x5a; 16]);
+    assert_eq!(ctx.memory_usage().resident, CHUNK);
+    ctx.swap_out().unwrap();
+    ctx.memset(d, 0x11, 1, 8, None, false).unwrap();
+    assert_eq!(read(&mut ctx, d, 9), [vec![0x11; 8], vec![0x5a]].concat());
+}
+
+/// Fills the device from another context so a swapped-out one cannot come back: it stays
+/// swapped out with its bytes, and comes back once the memory is free.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn real_gpu_swap_in_without_memory_stays_swapped_and_recovers() {
+    let gpu = open();
+    let mut ctx = gpu.create_context(0).unwrap();
+    let size = 256usize << 20;
+    let d = ctx.mem_alloc(size as u64).unwrap();
+    let mut data = pattern(9, size);
+    ctx.memcpy_htod(d, &[host(&mut data)], None, false, false)
+        .unwrap();
+    assert_eq!(ctx.swap_out().unwrap(), size as u64);
+
+    let mut hog = gpu.create_context(0).unwrap();
+    let mut held = 0u64;
+    for step in [1u64 << 30, 64 << 20, CHUNK] {
+        while hog.mem_alloc(step).is_ok() {
+            held += step;
+        }
+    }
+    eprintln!("filled the device with {} MiB", held >> 20);
+    assert_eq!(ctx.swap_in(), Err(Status::OUT_OF_MEMORY));
+    let usage = ctx.memory_usage();
+    assert_eq!((usage.resident, usage.swapped), (0, size as u64));
+    drop(hog);
+    assert_eq!(ctx.swap_in().unwrap(), size as u64);
+    assert!(read(&mut ctx, d, size) == data);
+}
+
+/// Swap throughput: `VGPU_SWAP_BENCH_MIB` (default 4096) MiB out and in, twice (the first
+/// swap-out also pins its host memory). Goal: at least 40 GB/s each way with a warm pool.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn real_gpu_swap_moves_at_least_40_gb_per_second_when_warm() {
+    let mib: u64 = std::env::var("VGPU_SWAP_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4096);
+    let gpu = open().with_heap_capacity(mib << 20);
+    let mut ctx = gpu.create_context(0).unwrap();
+    let mut allocs = Vec::new();
+    for i in 0..mib.div_ceil(256) {
+        let size = (256u64 << 20).min((mib << 20) - i * (256 << 20));
+        let d = ctx.mem_alloc(size).unwrap();
+        ctx.memset(d, i as u32 + 1, 4, size / 4, None, false)
+            .unwrap();
+        allocs.push((d, size, i as u32 + 1));
+    }
+    let gbps = |bytes: u64, t: Instant| bytes as f64 / t.elapsed().as_secs_f64() / 1e9;
+    let mut warm = (0.0, 0.0);
+    for cycle in 0..3 {
+        let t = Instant::now();
+        let out = ctx.swap_out().unwrap();
+        let out_rate = gbps(out, t);
+        let t = Instant::now();
+        let back = ctx.swap_in().unwrap();
+        let in_rate = gbps(back, t);
+        assert_eq!(out, back);
+        eprintln!(
+            "cycle {cycle}: {} MiB out {out_rate:.1} GB/s, in {in_rate:.1} GB/s",
+            out >> 20
+        );
+        warm = (out_rate, in_rate);
+    }
+    for &(d, size, value) in &allocs {
+        let bytes = read(&mut ctx, d, size as usize);
+        let ok = bytes
+            .chunks_exact(4)
+            .all(|w| u32::from_le_bytes(w.try_into().unwrap()) == value);
+        assert!(ok, "allocation {d:#x} lost its bytes");
+    }
+    assert!(
+        warm.0 >= 40.0 && warm.1 >= 40.0,
+        "warm swap out {:.1} GB/s, in {:.1} GB/s: below 40",
+        warm.0,
+        warm.1
+    );
+}
