@@ -198,7 +198,8 @@ int main(void) {
     CUcontext ctx = NULL;
     require_rc(cuInit(0), "cuInit");
     require_rc(cuDeviceGet(&dev, 0), "cuDeviceGet");
-    require_rc(cuCtxCreate(&ctx, 0, dev), "cuCtxCreate");
+    require_rc(cuDevicePrimaryCtxRetain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+    require_rc(cuCtxSetCurrent(ctx), "cuCtxSetCurrent");
     printf("READY\n");
     fflush(stdout);
 
@@ -232,6 +233,6 @@ int main(void) {
         fflush(stdout);
     }
     cmd_free();
-    require_rc(cuCtxDestroy(ctx), "cuCtxDestroy");
+    require_rc(cuDevicePrimaryCtxRelease(dev), "cuDevicePrimaryCtxRelease");
     finish();
 }

@@ -42,6 +42,10 @@ pub const SYMBOLS: &[&str] = &[
     "cuMemcpyDtoHAsync_v2",
     "cuMemcpyHtoDAsync_v2",
     "cuMemsetD8Async",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventDestroy_v2",
 ];
 
 /// Streams the swap copies are spread over.
@@ -282,56 +286,76 @@ impl CudaChunks {
         result
     }
 
-    /// Issues one copy per run of chunks contiguous on both sides (at most [`MAX_COPY`]),
-    /// round-robin over the streams, then waits for all of them.
-    fn copy_runs(&self, pairs: &[(u64, *mut u8)], to_host: bool) -> GpuResult<()> {
-        let mut result = Ok(());
+    /// Splits `pairs` into copies: runs of chunks contiguous on both sides, at most
+    /// [`MAX_COPY`] each, as (first index, chunks).
+    fn copies(pairs: &[(u64, *mut u8)]) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
         let mut i = 0;
-        let mut n = 0;
         while i < pairs.len() {
             let (va, host) = pairs[i];
-            let mut len = CHUNK;
-            while let Some(&(next_va, next_host)) = pairs.get(i + (len / CHUNK) as usize) {
+            let mut n = 1usize;
+            while let Some(&(next_va, next_host)) = pairs.get(i + n) {
+                let len = n as u64 * CHUNK;
                 if len >= MAX_COPY
                     || next_va != va + len
                     || next_host != host.wrapping_add(len as usize)
                 {
                     break;
                 }
-                len += CHUNK;
+                n += 1;
             }
-            let stream = self.streams[n % self.streams.len()];
-            // SAFETY: the host range is `len` bytes of pinned slots (contiguous, checked
-            // above), the device range `len` bytes of mapped chunks; both stay alive until
-            // the streams are synchronized below.
-            let r = check(unsafe {
-                if to_host {
-                    cu::cuMemcpyDtoHAsync_v2(host.cast(), va, len as usize, stream)
-                } else {
-                    cu::cuMemcpyHtoDAsync_v2(va, host.cast(), len as usize, stream)
-                }
-            });
-            if r.is_err() {
-                result = r;
-                break;
-            }
-            i += (len / CHUNK) as usize;
-            n += 1;
+            out.push((i, n));
+            i += n;
         }
-        result.and(self.synchronize_streams())
+        out
+    }
+
+    /// Issues one asynchronous copy of `n` chunks from `pairs[i]` on stream `k % STREAMS`.
+    fn issue(
+        &self,
+        pairs: &[(u64, *mut u8)],
+        (i, n): (usize, usize),
+        k: usize,
+        to_host: bool,
+    ) -> GpuResult<()> {
+        let (va, host) = pairs[i];
+        let len = n * CHUNK as usize;
+        let stream = self.streams[k % self.streams.len()];
+        // SAFETY: the host range is `len` bytes of pinned slots (contiguous, checked by
+        // `copies`), the device range `len` bytes of mapped chunks; both stay alive until the
+        // copy's stream is synchronized.
+        check(unsafe {
+            if to_host {
+                cu::cuMemcpyDtoHAsync_v2(host.cast(), va, len, stream)
+            } else {
+                cu::cuMemcpyHtoDAsync_v2(va, host.cast(), len, stream)
+            }
+        })
+    }
+
+    /// Records an event on copy `k`'s stream (after its copy).
+    fn mark(&self, k: usize) -> GpuResult<cu::CUevent> {
+        let mut event: cu::CUevent = ptr::null_mut();
+        // SAFETY: event is a valid out-pointer; flags disable timing (cheapest).
+        check(unsafe {
+            cu::cuEventCreate(
+                &mut event,
+                cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
+            )
+        })?;
+        let stream = self.streams[k % self.streams.len()];
+        // SAFETY: both handles are live and ours.
+        if let Err(status) = check(unsafe { cu::cuEventRecord(event, stream) }) {
+            destroy_event(event);
+            return Err(status);
+        }
+        Ok(event)
     }
 }
 
-/// Runs of consecutive chunk addresses in sorted `vas`: (start, length in bytes).
-fn runs(vas: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &va in vas {
-        match out.last_mut() {
-            Some((start, len)) if *start + *len == va => *len += CHUNK,
-            _ => out.push((va, CHUNK)),
-        }
-    }
-    out
+fn destroy_event(event: cu::CUevent) {
+    // SAFETY: an event we created and no longer use.
+    unsafe { cu::cuEventDestroy_v2(event) };
 }
 
 impl ChunkMemory for CudaChunks {
@@ -357,66 +381,111 @@ impl ChunkMemory for CudaChunks {
             .first()
             .copied()
             .ok_or(Status::NOT_INITIALIZED)?;
-        let zeroed = self.set_access(va, CHUNK).and_then(|()| {
+        let zeroing = self.set_access(va, CHUNK).and_then(|()| {
             // SAFETY: the chunk is mapped and accessible; the stream is ours. A fresh chunk
-            // may hold another context's old data: it is zeroed before any use.
-            check(unsafe { cu::cuMemsetD8Async(va, 0, CHUNK as usize, stream) })?;
-            // SAFETY: our own live stream.
-            check(unsafe { cu::cuStreamSynchronize(stream) })
+            // may hold another context's old data: it is zeroed before any use (`settle`
+            // waits for it before the allocation is handed out).
+            check(unsafe { cu::cuMemsetD8Async(va, 0, CHUNK as usize, stream) })
         });
-        if let Err(status) = zeroed {
+        if let Err(status) = zeroing {
             Self::unmap_all(&[va]);
             return Err(status);
         }
         Ok(())
     }
 
+    fn settle(&mut self) -> GpuResult<()> {
+        match self.streams.first() {
+            // SAFETY: our own live stream.
+            Some(&stream) => check(unsafe { cu::cuStreamSynchronize(stream) }),
+            None => Ok(()),
+        }
+    }
+
     fn unmap(&mut self, va: u64) -> GpuResult<()> {
         Self::unmap_chunk(va)
     }
 
-    /// Copies every chunk out, then unmaps them. A failed copy unmaps nothing. A chunk whose
-    /// unmap fails is still counted saved (its data is), and stays mapped.
+    /// Copies every chunk out, unmapping each run as soon as its copy is done (the unmaps
+    /// overlap the later copies). A failed copy unmaps nothing. A chunk whose unmap fails is
+    /// still counted saved (its data is), and stays mapped.
     fn save(&mut self, vas: &[u64]) -> GpuResult<()> {
         if vas.iter().any(|va| self.saved.contains_key(va)) {
             return Err(Status::INVALID_VALUE);
         }
         let slots = self.pool.take(vas.len())?;
         let pairs: Vec<(u64, *mut u8)> = vas.iter().copied().zip(slots).collect();
-        if let Err(status) = self.copy_runs(&pairs, true) {
+        let copies = Self::copies(&pairs);
+        let mut events = Vec::with_capacity(copies.len());
+        let mut issued = Ok(());
+        for (k, &copy) in copies.iter().enumerate() {
+            issued = self
+                .issue(&pairs, copy, k, true)
+                .and_then(|()| self.mark(k).map(|e| events.push(e)));
+            if issued.is_err() {
+                break;
+            }
+        }
+        if let Err(status) = issued.and(if events.len() == copies.len() {
+            Ok(())
+        } else {
+            Err(Status::UNKNOWN)
+        }) {
+            let _ = self.synchronize_streams();
+            events.into_iter().for_each(destroy_event);
             self.pool.put(pairs.iter().map(|&(_, host)| host));
             return Err(status);
         }
-        for (va, host) in pairs {
-            if let Err(status) = Self::unmap_chunk(va) {
-                warn!(%status, va, "Unmapping a saved chunk failed");
+        let mut result = Ok(());
+        for (&(i, n), event) in copies.iter().zip(events) {
+            // SAFETY: a live event recorded after this copy.
+            let done = check(unsafe { cu::cuEventSynchronize(event) });
+            destroy_event(event);
+            if let Err(status) = done {
+                result = Err(status);
             }
-            self.saved.insert(va, host);
+            for &(va, host) in &pairs[i..i + n] {
+                if result.is_ok() {
+                    if let Err(status) = Self::unmap_chunk(va) {
+                        warn!(%status, va, "Unmapping a saved chunk failed");
+                    }
+                }
+                self.saved.insert(va, host);
+            }
         }
-        Ok(())
+        result
     }
 
-    /// Maps every chunk, sets access over contiguous runs, copies back; any failure unmaps
-    /// what it mapped and keeps every saved copy.
+    /// Maps, opens and copies back run by run, so that mapping the next run overlaps the copy
+    /// of the previous one; any failure unmaps what it mapped and keeps every saved copy.
     fn restore(&mut self, vas: &[u64]) -> GpuResult<()> {
         let mut pairs = Vec::with_capacity(vas.len());
         for va in vas {
             pairs.push((*va, *self.saved.get(va).ok_or(Status::INVALID_VALUE)?));
         }
         pairs.sort_unstable_by_key(|&(va, _)| va);
-        let sorted: Vec<u64> = pairs.iter().map(|&(va, _)| va).collect();
-        for (i, &va) in sorted.iter().enumerate() {
-            if let Err(status) = self.map_physical(va) {
-                Self::unmap_all(&sorted[..i]);
-                return Err(status);
+        let mut mapped = 0usize;
+        let mut result = Ok(());
+        for (k, (i, n)) in Self::copies(&pairs).into_iter().enumerate() {
+            for &(va, _) in &pairs[i..i + n] {
+                result = self.map_physical(va);
+                if result.is_err() {
+                    break;
+                }
+                mapped += 1;
+            }
+            result = result
+                .and_then(|()| self.set_access(pairs[i].0, n as u64 * CHUNK))
+                .and_then(|()| self.issue(&pairs, (i, n), k, false));
+            if result.is_err() {
+                break;
             }
         }
-        let restored = runs(&sorted)
-            .into_iter()
-            .try_for_each(|(start, len)| self.set_access(start, len))
-            .and_then(|()| self.copy_runs(&pairs, false));
-        if let Err(status) = restored {
-            Self::unmap_all(&sorted);
+        let result = result.and(self.synchronize_streams());
+        if let Err(status) = result {
+            let _ = self.synchronize_streams();
+            let vas: Vec<u64> = pairs[..mapped].iter().map(|&(va, _)| va).collect();
+            Self::unmap_all(&vas);
             return Err(status);
         }
         for (va, host) in pairs {

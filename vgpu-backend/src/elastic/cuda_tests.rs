@@ -8,13 +8,28 @@ use crate::gpu::cuda::CudaGpu;
 use crate::gpu::{Gpu, GpuContext, HostBuf, LaunchConfig};
 
 #[test]
-fn runs_merge_consecutive_chunks_only() {
-    let vas = [0, CHUNK, 2 * CHUNK, 5 * CHUNK, 7 * CHUNK, 8 * CHUNK];
+fn copies_merge_chunks_contiguous_on_both_sides_up_to_the_longest_copy() {
+    let host = |i: usize| (0x1000_0000usize + i * CHUNK as usize) as *mut u8;
+    // Device 0,1,2 with host 0,1,2: one copy; device 5 alone; device 7,8 with host 4,6: two.
+    let pairs = [
+        (0, host(0)),
+        (CHUNK, host(1)),
+        (2 * CHUNK, host(2)),
+        (5 * CHUNK, host(3)),
+        (7 * CHUNK, host(4)),
+        (8 * CHUNK, host(6)),
+    ];
     assert_eq!(
-        runs(&vas),
-        vec![(0, 3 * CHUNK), (5 * CHUNK, CHUNK), (7 * CHUNK, 2 * CHUNK)]
+        CudaChunks::copies(&pairs),
+        vec![(0, 3), (3, 1), (4, 1), (5, 1)]
     );
-    assert!(runs(&[]).is_empty());
+    assert!(CudaChunks::copies(&[]).is_empty());
+    let long: Vec<(u64, *mut u8)> = (0..40).map(|i| (i as u64 * CHUNK, host(i))).collect();
+    assert_eq!(
+        CudaChunks::copies(&long),
+        vec![(0, 16), (16, 16), (32, 8)],
+        "copies stop at MAX_COPY so every stream gets work"
+    );
 }
 
 #[test]
@@ -107,7 +122,9 @@ fn real_gpu_elastic_memory_keeps_every_byte_across_swap_cycles() {
     }
     let usage = ctx.memory_usage();
     assert!(
-        usage.resident >= 9 * CHUNK && usage.swapped == 0,
+        // 1 + 100 + 4096 + 1 MiB share chunk 0; 2 MiB + 12345 takes chunks 1-2 and 7 MiB
+        // chunks 3-6.
+        usage.resident == 7 * CHUNK && usage.swapped == 0,
         "{usage:?}"
     );
     for cycle in 0..8u32 {

@@ -182,23 +182,14 @@ impl<M: ChunkMemory> ElasticHeap<M> {
     /// Maps every chunk of `[at, at + span)` not mapped yet, with no users; on failure
     /// unmaps the ones it mapped and returns the failure.
     fn map_new_chunks(&mut self, at: u64, span: u64) -> GpuResult<()> {
-        let mut mapped = Vec::new();
-        for va in chunks_of(at, span) {
-            if self.chunks.contains_key(&va) {
-                continue;
-            }
+        let new_chunks: Vec<u64> = chunks_of(at, span)
+            .filter(|va| !self.chunks.contains_key(va))
+            .collect();
+        for (n, &va) in new_chunks.iter().enumerate() {
             if let Err(status) = self.mem.map(va) {
-                for &undo in &mapped {
-                    if let Err(error) = self.mem.unmap(undo) {
-                        warn!(%error, va = undo, "Unmapping a chunk after a failed allocation failed");
-                        continue; // keep it, mapped with no users
-                    }
-                    self.chunks.remove(&undo);
-                    self.resident_chunks -= 1;
-                }
+                self.undo_maps(&new_chunks[..n]);
                 return Err(status);
             }
-            mapped.push(va);
             self.chunks.insert(
                 va,
                 Chunk {
@@ -208,7 +199,26 @@ impl<M: ChunkMemory> ElasticHeap<M> {
             );
             self.resident_chunks += 1;
         }
+        // What mapping queued (zeroing) must be done before the memory is used.
+        if !new_chunks.is_empty() {
+            if let Err(status) = self.mem.settle() {
+                self.undo_maps(&new_chunks);
+                return Err(status);
+            }
+        }
         Ok(())
+    }
+
+    /// Unmaps chunks just mapped for an allocation that failed.
+    fn undo_maps(&mut self, vas: &[u64]) {
+        for &undo in vas {
+            if let Err(error) = self.mem.unmap(undo) {
+                warn!(%error, va = undo, "Unmapping a chunk after a failed allocation failed");
+                continue; // keep it, mapped with no users
+            }
+            self.chunks.remove(&undo);
+            self.resident_chunks -= 1;
+        }
     }
 
     /// Frees the allocation starting at `addr`; returns its size. Chunks it leaves empty are

@@ -22,6 +22,9 @@ struct Log {
     map_limit: Option<usize>,
     fail_restore: bool,
     fail_save: bool,
+    /// `settle` calls, and whether the next one fails.
+    settles: usize,
+    fail_settle: bool,
 }
 
 struct Fake(Arc<Mutex<Log>>);
@@ -47,6 +50,14 @@ impl ChunkMemory for Fake {
         }
         assert!(log.mapped.insert(va), "mapped twice");
         log.maps += 1;
+        Ok(())
+    }
+    fn settle(&mut self) -> GpuResult<()> {
+        let mut log = self.0.lock().unwrap();
+        log.settles += 1;
+        if log.fail_settle {
+            return Err(Status::UNKNOWN);
+        }
         Ok(())
     }
     fn unmap(&mut self, va: u64) -> GpuResult<()> {
@@ -478,4 +489,32 @@ fn the_reservation_for_a_limit_leaves_room_for_alignment() {
     let r = reservation_for_limit(limit);
     assert!(r >= limit + 16 * CHUNK && r.is_multiple_of(CHUNK));
     assert_eq!(reservation_for_limit(u64::MAX) % CHUNK, 0);
+}
+
+#[test]
+fn an_allocation_settles_its_new_chunks_once_and_a_failed_settle_undoes_them() {
+    let (mut heap, log) = fake(64 * CHUNK);
+    heap.alloc(5 * CHUNK).unwrap();
+    assert_eq!(
+        log.lock().unwrap().settles,
+        1,
+        "one wait for five new chunks"
+    );
+    heap.alloc(100).unwrap();
+    heap.alloc(100).unwrap();
+    assert_eq!(
+        log.lock().unwrap().settles,
+        2,
+        "a shared chunk needs no second wait"
+    );
+    log.lock().unwrap().fail_settle = true;
+    assert_eq!(heap.alloc(3 * CHUNK), Err(Status::UNKNOWN));
+    let l = log.lock().unwrap();
+    assert_eq!(
+        l.mapped.len(),
+        6,
+        "the three chunks of the failed allocation are unmapped"
+    );
+    drop(l);
+    assert_eq!(heap.resident_bytes(), 6 * CHUNK);
 }

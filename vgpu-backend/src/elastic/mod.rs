@@ -32,6 +32,11 @@ pub trait ChunkMemory: Send {
     /// Backs `[va, va + CHUNK)` with a new zeroed physical chunk the device can read and write.
     /// `OUT_OF_MEMORY` when the device has no physical memory left.
     fn map(&mut self, va: u64) -> GpuResult<()>;
+    /// Waits for whatever [`ChunkMemory::map`] queued on the device (zeroing new chunks), so
+    /// that the chunks mapped since are ready for any stream. Called once per allocation.
+    fn settle(&mut self) -> GpuResult<()> {
+        Ok(())
+    }
     /// Unmaps and frees the physical chunk at `va`; its contents are lost.
     fn unmap(&mut self, va: u64) -> GpuResult<()>;
     /// Copies the chunks at `vas` to host memory kept by the implementation, then unmaps and
