@@ -2,8 +2,8 @@
 
 use vgpu_spec::wire::{
     EventElapsedReq, FunctionResp, GlobalResp, LaunchReq, MemcpyDtoDReq, MemcpyHostReq, MemsetReq,
-    ModuleSymbolReq, ParamInfo, ReqHeader, SgEntry, StreamWaitEventReq, FLAG_ASYNC,
-    FLAG_TRANSIENT_SOURCE,
+    ModuleSymbolReq, ParamInfo, ReqHeader, SgEntry, StreamWaitEventReq, CLUSTER_DIMS_BYTES,
+    FLAG_ASYNC, FLAG_CLUSTER, FLAG_TRANSIENT_SOURCE,
 };
 use vgpu_spec::{Request, Status};
 
@@ -86,7 +86,7 @@ impl Session {
             }
             Request::GetFunction(r, name) => self.get_function(r, name),
             Request::GetGlobal(r, name) => self.get_global(r, name),
-            Request::Launch(r, params) => self.launch(r, params),
+            Request::Launch(r, params) => self.launch(r, params, flags),
             Request::StreamCreate(r) => {
                 let raw = self
                     .gpu_context(current)?
@@ -360,7 +360,8 @@ impl Session {
         Ok((f.context, f.raw))
     }
 
-    fn launch(&mut self, r: &LaunchReq, params: &[u8]) -> OpResult {
+    fn launch(&mut self, r: &LaunchReq, params: &[u8], flags: u32) -> OpResult {
+        let (cluster, params) = split_cluster(params, flags)?;
         let function = r.function.get();
         let f = self
             .functions
@@ -383,7 +384,10 @@ impl Session {
         // A kernel the executor runs before returning (emulated timed
         // kernels) charges its GPU time to this thread.
         let charged = crate::metering::thread_gpu_ns();
-        let launched = ctx.launch(f.raw, config, stream, params, &f.layout);
+        let launched = match cluster {
+            Some(cluster) => ctx.launch_cluster(f.raw, config, cluster, stream, params, &f.layout),
+            None => ctx.launch(f.raw, config, stream, params, &f.layout),
+        };
         self.meter
             .add_gpu_ns(crate::metering::thread_gpu_ns().wrapping_sub(charged));
         launched?;
@@ -426,4 +430,44 @@ pub(crate) fn is_gpu_work(req: &Request<'_>) -> bool {
             | Request::MemcpyDtoD(..)
             | Request::Memset(..)
     )
+}
+
+/// With `FLAG_CLUSTER`, the cluster dimensions that precede a launch's
+/// parameters, and the parameters; without it, no dimensions.
+fn split_cluster(params: &[u8], flags: u32) -> Result<(Option<[u32; 3]>, &[u8]), Status> {
+    if flags & FLAG_CLUSTER == 0 {
+        return Ok((None, params));
+    }
+    if params.len() < CLUSTER_DIMS_BYTES {
+        return Err(Status::INVALID_VALUE);
+    }
+    let (dims, rest) = params.split_at(CLUSTER_DIMS_BYTES);
+    let mut cluster = [0u32; 3];
+    for (d, bytes) in cluster.iter_mut().zip(dims.chunks_exact(4)) {
+        *d = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    }
+    Ok((Some(cluster), rest))
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    #[test]
+    fn cluster_dimensions_precede_the_parameters_only_with_the_flag() {
+        let mut bytes = Vec::new();
+        for d in [2u32, 1, 1] {
+            bytes.extend_from_slice(&d.to_le_bytes());
+        }
+        bytes.extend_from_slice(&[7, 8]);
+        assert_eq!(
+            split_cluster(&bytes, FLAG_CLUSTER),
+            Ok((Some([2, 1, 1]), &[7u8, 8][..]))
+        );
+        assert_eq!(split_cluster(&bytes, 0), Ok((None, &bytes[..])));
+        assert_eq!(
+            split_cluster(&bytes[..8], FLAG_CLUSTER),
+            Err(Status::INVALID_VALUE)
+        );
+    }
 }

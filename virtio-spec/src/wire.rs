@@ -125,8 +125,16 @@ pub const FLAG_ASYNC: u32 = 1 << 0;
 /// set. Without it, an async copy may read the source until the stream
 /// reaches it, as with native pinned memory.
 pub const FLAG_TRANSIENT_SOURCE: u32 = 1 << 1;
+/// Request flag, on `LAUNCH_KERNEL`: launch in thread block clusters. The
+/// trailing bytes start with the cluster dimensions (3 little-endian u32,
+/// [`CLUSTER_DIMS_BYTES`]) and `param_bytes` counts them; the packed
+/// parameters follow.
+pub const FLAG_CLUSTER: u32 = 1 << 2;
+/// Bytes of cluster dimensions that precede the parameters under
+/// [`FLAG_CLUSTER`].
+pub const CLUSTER_DIMS_BYTES: usize = 12;
 /// All request flags this version defines.
-pub const KNOWN_FLAGS: u32 = FLAG_ASYNC | FLAG_TRANSIENT_SOURCE;
+pub const KNOWN_FLAGS: u32 = FLAG_ASYNC | FLAG_TRANSIENT_SOURCE | FLAG_CLUSTER;
 
 /// Module image kinds (informational; the device detects the format).
 pub mod image {

@@ -102,7 +102,12 @@ fn prepare(
 ///
 /// # Safety
 /// `src` must be readable for `len` bytes.
-unsafe fn htod(dst: u64, src: *const c_void, len: usize, stream: Option<CUstream>) -> CuResult<()> {
+pub(crate) unsafe fn htod(
+    dst: u64,
+    src: *const c_void,
+    len: usize,
+    stream: Option<CUstream>,
+) -> CuResult<()> {
     let Some((drv, ctx, handle)) = prepare(dst, src.is_null(), len, stream)? else {
         return Ok(());
     };
@@ -170,7 +175,12 @@ pub(crate) unsafe fn htod_on(
 ///
 /// # Safety
 /// `dst` must be writable for `len` bytes.
-unsafe fn dtoh(dst: *mut c_void, src: u64, len: usize, stream: Option<CUstream>) -> CuResult<()> {
+pub(crate) unsafe fn dtoh(
+    dst: *mut c_void,
+    src: u64,
+    len: usize,
+    stream: Option<CUstream>,
+) -> CuResult<()> {
     let Some((drv, ctx, handle)) = prepare(src, dst.is_null(), len, stream)? else {
         return Ok(());
     };
@@ -231,7 +241,7 @@ pub(crate) unsafe fn dtoh_on(
 }
 
 /// Device to device; `stream` set means async.
-fn dtod(dst: u64, src: u64, len: usize, stream: Option<CUstream>) -> CuResult<()> {
+pub(crate) fn dtod(dst: u64, src: u64, len: usize, stream: Option<CUstream>) -> CuResult<()> {
     let Some((drv, ctx, handle)) = prepare(dst, src == 0, len, stream)? else {
         return Ok(());
     };

@@ -58,6 +58,25 @@ pub unsafe extern "C" fn cuEventRecord(event: CUevent, stream: CUstream) -> CUre
     })
 }
 
+/// `CU_EVENT_RECORD_EXTERNAL`: during stream capture, an external event
+/// node; outside capture, an ordinary record.
+const EVENT_RECORD_EXTERNAL: c_uint = 1;
+
+/// `cuEventRecordWithFlags`: `cuEventRecord` for the flags this library
+/// knows (a capture records the event as `cuEventRecord` does).
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecordWithFlags(
+    event: CUevent,
+    stream: CUstream,
+    flags: c_uint,
+) -> CUresult {
+    if flags & !EVENT_RECORD_EXTERNAL != 0 {
+        return guard(|| Err(Status::INVALID_VALUE));
+    }
+    // SAFETY: forwards the caller's arguments under the same contract.
+    unsafe { cuEventRecord(event, stream) }
+}
+
 /// `cuEventSynchronize`: waits for the event; returns earlier async errors.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventSynchronize(event: CUevent) -> CUresult {
@@ -163,5 +182,18 @@ mod tests {
         // SAFETY: the event id is only looked up, never dereferenced.
         let rc = unsafe { cuEventQuery(std::ptr::without_provenance_mut(0x1000)) };
         assert_eq!(rc, Status::NOT_INITIALIZED.0);
+    }
+
+    #[test]
+    fn record_with_unknown_flags_is_invalid_value_and_known_flags_record() {
+        let event = std::ptr::without_provenance_mut(0x1000);
+        // SAFETY: the event id is only looked up, never dereferenced.
+        let rc = unsafe { cuEventRecordWithFlags(event, std::ptr::null_mut(), 4) };
+        assert_eq!(rc, Status::INVALID_VALUE.0);
+        for flags in [0, EVENT_RECORD_EXTERNAL] {
+            // SAFETY: as above.
+            let rc = unsafe { cuEventRecordWithFlags(event, std::ptr::null_mut(), flags) };
+            assert_eq!(rc, Status::NOT_INITIALIZED.0);
+        }
     }
 }

@@ -11,6 +11,11 @@
 //! (including the optional `f8cff951…`, whose presence changes how the
 //! runtime initializes) are refused with `CUDA_ERROR_INVALID_VALUE` and
 //! NULL, as the real driver refuses tables it does not have.
+//!
+//! cuBLASLt also dereferences two tables without checking for NULL:
+//! `42d85a81…` slot 2 (the calling thread's current context, asked before
+//! every matmul) and `1734dc26…` slot 4 (a per-multiprocessor layout for
+//! its thread-block-cluster heuristics, whose refusal it handles).
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_uint, c_void};
@@ -39,6 +44,8 @@ const CONTEXT_CHECKS: [u8; 16] = uuid(0x263e_8860_7cd2_6143_92f6_bbd5_006d_fa7e)
 const INTEGRITY: [u8; 16] = uuid(0xd408_2055_bde6_704b_8d34_ba12_3c66_e1f2);
 /// Context queries used by cuBLASLt.
 const CONTEXT_QUERIES: [u8; 16] = uuid(0x2131_8c60_9714_3248_8ca6_41ff_7324_c8f2);
+/// Device layout queries used by cuBLASLt's cluster heuristics.
+const DEVICE_LAYOUT: [u8; 16] = uuid(0x1734_dc26_800d_4745_8726_c0f1_e7dd_8bca);
 
 /// A UUID written as one big-endian number, as the traces print them.
 const fn uuid(value: u128) -> [u8; 16] {
@@ -101,7 +108,11 @@ static TOOLS_HOOKS_TABLE: Table<7> = Table({
     t
 });
 
-static TOOLS_TLS_TABLE: Table<3> = Table(stub_table!(0x42d8_5a81; 1 2));
+static TOOLS_TLS_TABLE: Table<3> = Table({
+    let mut t = stub_table!(0x42d8_5a81; 1 2);
+    t[2] = tools_current_context as *const c_void;
+    t
+});
 
 static CONTEXT_STORAGE_TABLE: Table<4> = Table([
     storage_put as *const c_void,
@@ -131,8 +142,17 @@ static CONTEXT_QUERIES_TABLE: Table<93> = Table({
         91 92);
     t[3] = context_device as *const c_void;
     t[4] = context_id as *const c_void;
+    t[39] = stream_identity as *const c_void;
+    t[51] = stream_from_public as *const c_void;
     t
 });
+
+/// cuBLASLt asks slot 4 for a per-multiprocessor layout when it weighs
+/// kernels that launch thread block clusters, and without the table it
+/// calls through NULL. Every slot refuses (`CUDA_ERROR_NOT_SUPPORTED`),
+/// which cuBLASLt handles by estimating without the layout; this slice
+/// launches no clusters anyway.
+static DEVICE_LAYOUT_TABLE: Table<8> = Table(stub_table!(0x1734_dc26; 1 2 3 4 5 6 7));
 
 /// The table for a UUID, if this library has it.
 fn table(id: &[u8; 16]) -> Option<*const c_void> {
@@ -144,6 +164,7 @@ fn table(id: &[u8; 16]) -> Option<*const c_void> {
         CONTEXT_CHECKS => CONTEXT_CHECKS_TABLE.start(),
         INTEGRITY => INTEGRITY_TABLE.start(),
         CONTEXT_QUERIES => CONTEXT_QUERIES_TABLE.start(),
+        DEVICE_LAYOUT => DEVICE_LAYOUT_TABLE.start(),
         _ => return None,
     })
 }
@@ -275,6 +296,22 @@ unsafe extern "C" fn hooks_buffer_slot2(ptr: *mut *mut c_void, size: *mut usize)
 unsafe extern "C" fn hooks_buffer_slot6(ptr: *mut *mut c_void, size: *mut usize) {
     // SAFETY: the runtime passes writable out-pointers.
     unsafe { give_buffer(ptr, size, HOOKS_SMALL.0.get().cast(), 14) }
+}
+
+// --- Tools thread-local state ---------------------------------------------
+
+/// Slot 2: the calling thread's current context; NULL and
+/// `CUDA_ERROR_INVALID_CONTEXT` if it has none.
+unsafe extern "C" fn tools_current_context(pctx: *mut CUcontext) -> CUresult {
+    guard(|| {
+        let found = current();
+        let ctx = found.map_or(std::ptr::null_mut(), |c| {
+            std::ptr::without_provenance_mut(c as usize)
+        });
+        // SAFETY: the slot's contract: a writable `CUcontext` or NULL (checked).
+        unsafe { write_out(pctx, ctx) }?;
+        found.map(|_| ()).ok_or(Status::INVALID_CONTEXT)
+    })
 }
 
 // --- Context-local storage ------------------------------------------------
@@ -456,6 +493,42 @@ unsafe extern "C" fn context_id(ctx: CUcontext, id: *mut u64) -> CUresult {
     guard(|| unsafe { write_out(id, query_ctx(ctx)) })
 }
 
+/// `CU_STREAM_LEGACY`, the private stream of the legacy default stream.
+const STREAM_LEGACY: usize = 1;
+/// `CU_STREAM_PER_THREAD`, the private stream of the per-thread default.
+const STREAM_PER_THREAD: usize = 2;
+
+/// Slot 51: the driver's private object for a public stream. This
+/// library's streams are their handles; the default stream (NULL) is the
+/// legacy or per-thread one, as `per_thread` says.
+unsafe extern "C" fn stream_from_public(
+    _ctx: CUcontext,
+    stream: *mut c_void,
+    private: *mut *mut c_void,
+    per_thread: c_int,
+) -> CUresult {
+    let value = match (stream.addr(), per_thread) {
+        (0, 0) => std::ptr::without_provenance_mut(STREAM_LEGACY),
+        (0, _) => std::ptr::without_provenance_mut(STREAM_PER_THREAD),
+        _ => stream,
+    };
+    // SAFETY: the slot's contract: a writable pointer slot or NULL (checked).
+    guard(|| unsafe { write_out(private, value) })
+}
+
+/// Slot 39: a number identifying a private stream (from slot 51).
+unsafe extern "C" fn stream_identity(
+    _ctx: CUcontext,
+    private: *const c_void,
+    id: *mut u64,
+) -> CUresult {
+    guard(|| {
+        non_null(private)?;
+        // SAFETY: the slot's contract: a writable `u64` or NULL (checked).
+        unsafe { write_out(id, private.addr() as u64) }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,6 +555,7 @@ mod tests {
             (CONTEXT_CHECKS, 15),
             (INTEGRITY, 3),
             (CONTEXT_QUERIES, 93),
+            (DEVICE_LAYOUT, 8),
         ] {
             let (rc, table) = get(id);
             assert_eq!(rc, 0);
@@ -553,6 +627,39 @@ mod tests {
         let rc = unsafe { integrity_check(13000, 1_700_000_000, &mut out) };
         assert_eq!(rc, 0);
         assert_eq!(out[1], 0x8ED3_83AA_1F4C_D1E8);
+    }
+
+    #[test]
+    fn tools_current_context_without_one_is_invalid_context_and_null() {
+        let mut ctx: CUcontext = std::ptr::without_provenance_mut(7);
+        // SAFETY: a writable out-pointer.
+        let rc = unsafe { tools_current_context(&mut ctx) };
+        assert_eq!(rc, Status::INVALID_CONTEXT.0);
+        assert!(ctx.is_null());
+        let (_, table) = get(TOOLS_TLS);
+        assert_eq!(slot(table, 2), tools_current_context as *const () as usize);
+    }
+
+    #[test]
+    fn default_streams_map_to_legacy_or_per_thread_and_identify_themselves() {
+        let null = std::ptr::null_mut();
+        let mut private: *mut c_void = null;
+        let mut id = 0u64;
+        for (stream, per_thread, expected) in [(0, 0, 1), (0, 1, 2), (0x55, 0, 0x55)] {
+            let stream = std::ptr::without_provenance_mut(stream);
+            // SAFETY: writable out-pointers.
+            let rc = unsafe { stream_from_public(null, stream, &mut private, per_thread) };
+            assert_eq!((rc, private.addr()), (0, expected));
+            // SAFETY: as above.
+            let rc = unsafe { stream_identity(null, private, &mut id) };
+            assert_eq!((rc, id), (0, expected as u64));
+        }
+        // SAFETY: NULL out-pointers are rejected before any write.
+        let rc = unsafe { stream_from_public(null, null, std::ptr::null_mut(), 0) };
+        assert_eq!(rc, Status::INVALID_VALUE.0);
+        // SAFETY: as above.
+        let rc = unsafe { stream_identity(null, std::ptr::null(), &mut id) };
+        assert_eq!(rc, Status::INVALID_VALUE.0);
     }
 
     #[test]

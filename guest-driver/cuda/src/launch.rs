@@ -4,9 +4,10 @@
 //! the launch is queued without waiting: its errors surface at the next
 //! synchronizing call.
 
+use std::borrow::Cow;
 use std::ffi::{c_int, c_uint, c_void};
 
-use vgpu_spec::wire::LaunchReq;
+use vgpu_spec::wire::{LaunchReq, CLUSTER_DIMS_BYTES, FLAG_CLUSTER};
 use vgpu_spec::{Request, Status};
 
 use crate::ctx::session_ctx;
@@ -140,7 +141,58 @@ pub(crate) unsafe fn launch(
     kernel_params: *const *const c_void,
     extra: *const *const c_void,
 ) -> CuResult<()> {
+    // SAFETY: the caller's contract.
+    unsafe {
+        launch_in(
+            f,
+            grid,
+            block,
+            None,
+            shared_mem_bytes,
+            h_stream,
+            kernel_params,
+            extra,
+        )
+    }
+}
+
+/// The packed trailing bytes of a launch: with cluster dimensions, those
+/// (`FLAG_CLUSTER`) and then the parameters.
+fn launch_payload(cluster: Option<[u32; 3]>, params: &[u8]) -> (u32, Cow<'_, [u8]>) {
+    match cluster {
+        None => (0, Cow::Borrowed(params)),
+        Some(dims) => {
+            let mut bytes = Vec::with_capacity(CLUSTER_DIMS_BYTES + params.len());
+            for d in dims {
+                bytes.extend_from_slice(&d.to_le_bytes());
+            }
+            bytes.extend_from_slice(params);
+            (FLAG_CLUSTER, Cow::Owned(bytes))
+        }
+    }
+}
+
+/// [`launch`], in thread block clusters of `cluster` blocks when given
+/// (a capture does not record clusters: it is refused there).
+///
+/// # Safety
+/// As [`param_block`] for `kernel_params` / `extra`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn launch_in(
+    f: CUfunction,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    cluster: Option<[u32; 3]>,
+    shared_mem_bytes: c_uint,
+    h_stream: CUstream,
+    kernel_params: *const *const c_void,
+    extra: *const *const c_void,
+) -> CuResult<()> {
     let (drv, ctx) = session_ctx()?;
+    if cluster.is_some() && crate::capture::record_all(h_stream, Vec::new)? {
+        crate::logging::warn_once("capturing thread block cluster launches is not supported");
+        return Err(Status::NOT_SUPPORTED);
+    }
     let f = crate::library::as_function(f)?;
     let grid = dims(grid[0], grid[1], grid[2])?;
     let block = dims(block[0], block[1], block[2])?;
@@ -162,15 +214,16 @@ pub(crate) unsafe fn launch(
     if recorded {
         return Ok(());
     }
+    let (flags, payload) = launch_payload(cluster, &params);
     let req = LaunchReq {
         function: function.into(),
         stream: stream.into(),
         grid: grid.map(Into::into),
         block: block.map(Into::into),
         shared_mem: shared_mem_bytes.into(),
-        param_bytes: (params.len() as u32).into(),
+        param_bytes: (payload.len() as u32).into(),
     };
-    drv.submit(ctx, 0, &Request::Launch(req, &params), None)
+    drv.submit(ctx, flags, &Request::Launch(req, &payload), None)
 }
 
 /// `cuLaunchKernel`.
@@ -222,6 +275,15 @@ pub unsafe extern "C" fn cuFuncGetAttribute(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_dimensions_precede_the_parameters_under_the_cluster_flag() {
+        let (flags, payload) = launch_payload(None, &[1, 2, 3]);
+        assert_eq!((flags, &payload[..]), (0, &[1u8, 2, 3][..]));
+        let (flags, payload) = launch_payload(Some([2, 1, 1]), &[9]);
+        assert_eq!(flags, FLAG_CLUSTER);
+        assert_eq!(&payload[..], &[2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 9]);
+    }
     use crate::module::Param;
 
     fn info(layout: &[(usize, usize)], param_bytes: usize) -> FunctionInfo {

@@ -1,9 +1,9 @@
 //! `cuLaunchKernelEx`: a launch described by a `CUlaunchConfig`. Attributes
 //! that are only hints (priority, cache and scheduling preferences,
 //! programmatic stream serialization, memory sync domains) are accepted and
-//! ignored, which keeps the launch's meaning; cooperative launches, clusters
-//! and the event-triggering attributes are refused with
-//! `CUDA_ERROR_NOT_SUPPORTED`.
+//! ignored, which keeps the launch's meaning; cluster dimensions are sent
+//! with the launch (`FLAG_CLUSTER`); cooperative launches and the
+//! event-triggering attributes are refused with `CUDA_ERROR_NOT_SUPPORTED`.
 
 use std::ffi::{c_uint, c_void};
 
@@ -11,7 +11,7 @@ use vgpu_spec::Status;
 
 use crate::capture::per_thread;
 use crate::errors::{guard, non_null, CuResult};
-use crate::launch::launch;
+use crate::launch::launch_in;
 use crate::types::{CUfunction, CUresult, CUstream};
 
 /// `CUlaunchAttribute`: an id, padding, and a 64-byte value union.
@@ -71,8 +71,11 @@ impl CUlaunchAttribute {
     }
 }
 
-/// Accepts the attributes that keep a plain launch's meaning.
-pub(crate) fn check_attributes(attrs: &[CUlaunchAttribute]) -> CuResult<()> {
+/// Accepts the attributes that keep a plain launch's meaning, and returns
+/// the cluster dimensions if the launch asks for clusters of more than one
+/// block.
+pub(crate) fn check_attributes(attrs: &[CUlaunchAttribute]) -> CuResult<Option<[u32; 3]>> {
+    let mut cluster = None;
     for attr in attrs {
         match attr.id {
             ATTR_IGNORE
@@ -94,10 +97,11 @@ pub(crate) fn check_attributes(attrs: &[CUlaunchAttribute]) -> CuResult<()> {
                 }
             }
             ATTR_CLUSTER_DIMENSION => {
-                if (0..3).any(|i| attr.word(i) > 1) {
-                    crate::logging::warn_once("thread block cluster launches are not supported");
-                    return Err(Status::NOT_SUPPORTED);
+                let dims = [attr.word(0), attr.word(1), attr.word(2)];
+                if dims.contains(&0) {
+                    return Err(Status::INVALID_VALUE);
                 }
+                cluster = dims.iter().any(|&d| d > 1).then_some(dims);
             }
             ATTR_PROGRAMMATIC_EVENT | ATTR_LAUNCH_COMPLETION_EVENT => {
                 crate::logging::warn_once(&format!(
@@ -109,7 +113,7 @@ pub(crate) fn check_attributes(attrs: &[CUlaunchAttribute]) -> CuResult<()> {
             _ => return Err(Status::INVALID_VALUE),
         }
     }
-    Ok(())
+    Ok(cluster)
 }
 
 /// The most attributes one launch may carry (native has no documented
@@ -139,7 +143,7 @@ unsafe fn launch_ex(
         // SAFETY: per the API `attrs` holds `num_attrs` attributes.
         unsafe { std::slice::from_raw_parts(config.attrs, count) }
     };
-    check_attributes(attrs)?;
+    let cluster = check_attributes(attrs)?;
     let stream = if ptsz {
         per_thread(config.stream)
     } else {
@@ -148,10 +152,11 @@ unsafe fn launch_ex(
     // SAFETY: per the API, `kernel_params` / `extra` describe the function's
     // parameters.
     unsafe {
-        launch(
+        launch_in(
             f,
             config.grid_dim,
             config.block_dim,
+            cluster,
             config.shared_mem_bytes,
             stream,
             kernel_params.cast_const().cast(),
@@ -221,21 +226,35 @@ mod tests {
             attr(ATTR_CLUSTER_DIMENSION, &[1, 1, 1]),
             attr(ATTR_IGNORE, &[]),
         ];
-        assert_eq!(check_attributes(&attrs), Ok(()));
-        assert_eq!(check_attributes(&[]), Ok(()));
+        assert_eq!(check_attributes(&attrs), Ok(None));
+        assert_eq!(check_attributes(&[]), Ok(None));
     }
 
     #[test]
-    fn cooperative_cluster_and_event_attributes_are_not_supported() {
+    fn cooperative_and_event_attributes_are_not_supported() {
         for a in [
             attr(ATTR_COOPERATIVE, &[1]),
-            attr(ATTR_CLUSTER_DIMENSION, &[2, 1, 1]),
-            attr(ATTR_CLUSTER_DIMENSION, &[1, 1, 4]),
             attr(ATTR_PROGRAMMATIC_EVENT, &[0]),
             attr(ATTR_LAUNCH_COMPLETION_EVENT, &[0]),
         ] {
             assert_eq!(check_attributes(&[a]), Err(Status::NOT_SUPPORTED), "{a:?}");
         }
+    }
+
+    #[test]
+    fn cluster_dimensions_above_one_block_are_launched_as_clusters() {
+        assert_eq!(
+            check_attributes(&[attr(ATTR_CLUSTER_DIMENSION, &[2, 1, 1])]),
+            Ok(Some([2, 1, 1]))
+        );
+        assert_eq!(
+            check_attributes(&[attr(ATTR_CLUSTER_DIMENSION, &[1, 1, 4])]),
+            Ok(Some([1, 1, 4]))
+        );
+        assert_eq!(
+            check_attributes(&[attr(ATTR_CLUSTER_DIMENSION, &[0, 1, 1])]),
+            Err(Status::INVALID_VALUE)
+        );
     }
 
     #[test]

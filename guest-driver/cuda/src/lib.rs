@@ -23,6 +23,7 @@
 mod capture;
 mod capture_api;
 mod copy;
+mod copy_generic;
 mod ctx;
 mod ctx_errors;
 mod device;

@@ -16,8 +16,8 @@ use crate::unsupported;
 
 #[allow(clippy::wildcard_imports)]
 use crate::{
-    capture_api::*, copy::*, ctx::*, device::*, errors::*, event::*, graph::*, launch::*,
-    launch_ex::*, memory::*, module::*, priority::*, stream::*,
+    capture_api::*, copy::*, copy_generic::*, ctx::*, device::*, errors::*, event::*, graph::*,
+    launch::*, launch_ex::*, memory::*, module::*, priority::*, stream::*,
 };
 
 macro_rules! exports {
@@ -110,6 +110,8 @@ exports!(
     cuMemcpyDtoD_v2,
     cuMemcpyDtoDAsync,
     cuMemcpyDtoDAsync_v2,
+    cuMemcpy,
+    cuMemcpyAsync,
     cuModuleLoadData,
     cuModuleLoadDataEx,
     cuModuleLoad,
@@ -128,6 +130,7 @@ exports!(
     cuStreamWaitEvent,
     cuEventCreate,
     cuEventRecord,
+    cuEventRecordWithFlags,
     cuEventSynchronize,
     cuEventQuery,
     cuEventElapsedTime,
@@ -297,6 +300,15 @@ mod tests {
             resolve("cuMemcpyHtoD", 7000, 2),
             Ok(crate::ptds::cuMemcpyHtoD_v2_ptds as *mut c_void)
         );
+        assert_eq!(
+            resolve("cuEventRecordWithFlags", 11010, 2),
+            Ok(crate::ptds::cuEventRecordWithFlags_ptsz as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuEventRecordWithFlags", 11010, 0),
+            Ok(crate::event::cuEventRecordWithFlags as *mut c_void)
+        );
+        assert_eq!(resolve("cuMemcpy", 4000, 0), Ok(cuMemcpy as *mut c_void));
     }
 
     #[test]

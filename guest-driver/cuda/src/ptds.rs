@@ -102,6 +102,17 @@ pub unsafe extern "C" fn cuEventRecord_ptsz(event: CUevent, stream: CUstream) ->
     unsafe { crate::event::cuEventRecord(event, pt(stream)) }
 }
 
+/// `cuEventRecordWithFlags_ptsz`.
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecordWithFlags_ptsz(
+    event: CUevent,
+    stream: CUstream,
+    flags: std::ffi::c_uint,
+) -> CUresult {
+    // SAFETY: forwards the caller's arguments under the same contract.
+    unsafe { crate::event::cuEventRecordWithFlags(event, pt(stream), flags) }
+}
+
 /// `cuStreamSynchronize_ptsz`.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamSynchronize_ptsz(stream: CUstream) -> CUresult {

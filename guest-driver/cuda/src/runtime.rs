@@ -26,6 +26,10 @@ const LIMIT_DEV_RUNTIME_SYNC_DEPTH: c_int = 3;
 const LIMIT_DEV_RUNTIME_PENDING_LAUNCH_COUNT: c_int = 4;
 const LIMIT_MAX_L2_FETCH_GRANULARITY: c_int = 5;
 const LIMIT_PERSISTING_L2_CACHE_SIZE: c_int = 6;
+/// Read-only: whether the context is a CUDA-in-graphics (CIG) context.
+const LIMIT_CIG_ENABLED: c_int = 8;
+/// Read-only: whether a CIG context may fall back to shared memory.
+const LIMIT_CIG_SHMEM_FALLBACK_ENABLED: c_int = 9;
 
 /// `CU_SHARED_MEM_CONFIG_FOUR_BYTE_BANK_SIZE`.
 const FOUR_BYTE_BANKS: c_int = 1;
@@ -40,6 +44,8 @@ fn default_limit(limit: c_int) -> Option<usize> {
         LIMIT_DEV_RUNTIME_PENDING_LAUNCH_COUNT => 2048,
         LIMIT_MAX_L2_FETCH_GRANULARITY => 128,
         LIMIT_PERSISTING_L2_CACHE_SIZE => 0,
+        // No context of this library is a CIG context.
+        LIMIT_CIG_ENABLED | LIMIT_CIG_SHMEM_FALLBACK_ENABLED => 0,
         _ => return None,
     })
 }
@@ -57,6 +63,7 @@ fn set_limit(ctx: u64, limit: c_int, value: usize) -> CuResult<()> {
     match limit {
         // The backend launches with the device's own settings; asking for
         // less than the default changes nothing observable, more is refused.
+        LIMIT_CIG_ENABLED | LIMIT_CIG_SHMEM_FALLBACK_ENABLED => Err(Status::INVALID_VALUE),
         LIMIT_STACK_SIZE | LIMIT_PRINTF_FIFO_SIZE | LIMIT_MALLOC_HEAP_SIZE if value > default => {
             crate::logging::warn_once(&format!("cuCtxSetLimit({limit}, {value}) is not supported"));
             Err(UNSUPPORTED_LIMIT)
@@ -179,6 +186,18 @@ mod tests {
         assert_eq!(get_limit(ctx + 1, LIMIT_DEV_RUNTIME_SYNC_DEPTH), Ok(2));
         set_limit(ctx, LIMIT_STACK_SIZE, 512).unwrap();
         assert_eq!(get_limit(ctx, LIMIT_STACK_SIZE), Ok(512));
+    }
+
+    #[test]
+    fn cig_limits_read_as_disabled_and_cannot_be_set() {
+        let ctx = 0x5151_0003;
+        assert_eq!(get_limit(ctx, LIMIT_CIG_ENABLED), Ok(0));
+        assert_eq!(get_limit(ctx, LIMIT_CIG_SHMEM_FALLBACK_ENABLED), Ok(0));
+        assert_eq!(
+            set_limit(ctx, LIMIT_CIG_ENABLED, 1),
+            Err(Status::INVALID_VALUE)
+        );
+        assert_eq!(get_limit(ctx, LIMIT_CIG_ENABLED), Ok(0));
     }
 
     #[test]

@@ -38,6 +38,7 @@ runtime_exports!(
     cuModuleGetLoadingMode,
     cuLaunchKernel_ptsz,
     cuEventRecord_ptsz,
+    cuEventRecordWithFlags_ptsz,
     cuStreamSynchronize_ptsz,
     cuStreamQuery_ptsz,
     cuStreamWaitEvent_ptsz,

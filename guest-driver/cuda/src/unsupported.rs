@@ -59,6 +59,19 @@ unsupported!(
     cuMemHostUnregister,
     cuMemHostGetDevicePointer_v2,
     cuLaunchHostFunc,
+    cuLinkCreate_v2,
+    cuLinkAddData_v2,
+    cuLinkComplete,
+    cuLinkDestroy,
+    cuStreamWaitValue32,
+    cuStreamBatchMemOp,
+    cuGraphKernelNodeGetParams,
+    cuGraphExecKernelNodeSetParams,
+    cuGraphNodeGetType,
+    cuMemcpy2DAsync_v2,
+    cuMemPrefetchAsync,
+    cuCtxDisablePeerAccess,
+    cuCtxEnablePeerAccess,
 );
 
 #[cfg(test)]

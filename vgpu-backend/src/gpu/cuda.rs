@@ -388,6 +388,28 @@ fn aligned_params(words: &mut Vec<u64>, params: &[u8], layout: &[ParamLayout]) -
 }
 
 impl CudaContext {
+    /// Copies `params` into the aligned parameter buffer and returns the
+    /// `kernelParams` array pointing at each parameter (NULL for none).
+    fn kernel_params(
+        &mut self,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<*mut *mut c_void> {
+        aligned_params(&mut self.param_words, params, layout)?;
+        let base = self.param_words.as_mut_bytes().as_mut_ptr();
+        self.param_ptrs.clear();
+        self.param_ptrs.extend(
+            layout
+                .iter()
+                .map(|p| base.wrapping_add(p.offset as usize).cast::<c_void>()),
+        );
+        Ok(if self.param_ptrs.is_empty() {
+            ptr::null_mut()
+        } else {
+            self.param_ptrs.as_mut_ptr()
+        })
+    }
+
     fn enter(&self) -> GpuResult<()> {
         make_current(self.id, self.ctx)
     }
@@ -656,19 +678,7 @@ impl GpuContext for CudaContext {
         layout: &[ParamLayout],
     ) -> GpuResult<()> {
         self.enter_work(stream)?;
-        aligned_params(&mut self.param_words, params, layout)?;
-        let base = self.param_words.as_mut_bytes().as_mut_ptr();
-        self.param_ptrs.clear();
-        self.param_ptrs.extend(
-            layout
-                .iter()
-                .map(|p| base.wrapping_add(p.offset as usize).cast::<c_void>()),
-        );
-        let kernel_params = if self.param_ptrs.is_empty() {
-            ptr::null_mut()
-        } else {
-            self.param_ptrs.as_mut_ptr()
-        };
+        let kernel_params = self.kernel_params(params, layout)?;
         let [gx, gy, gz] = config.grid;
         let [bx, by, bz] = config.block;
         // SAFETY: every pointer points at a parameter inside `param_words`
@@ -689,6 +699,30 @@ impl GpuContext for CudaContext {
                 ptr::null_mut(),
             )
         })
+    }
+
+    fn launch_cluster(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        cluster: [u32; 3],
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        self.enter_work(stream)?;
+        let kernel_params = self.kernel_params(params, layout)?;
+        // SAFETY: as `launch`: the parameter pointers point into
+        // `param_words`, which outlives the call; the handles are live.
+        unsafe {
+            cuda_func::launch_cluster(
+                from_handle(function),
+                &config,
+                cluster,
+                stream_ptr(stream),
+                kernel_params,
+            )
+        }
     }
 
     fn func_get_attribute(&mut self, function: RawHandle, attrib: i32) -> GpuResult<i32> {

@@ -11,7 +11,7 @@ use vgpu_spec::wire::occupancy;
 use vgpu_spec::Status;
 
 use super::cuda::check;
-use super::{GpuResult, OccupancyQuery};
+use super::{GpuResult, LaunchConfig, OccupancyQuery};
 
 /// The driver functions this module calls (checked at open).
 pub(super) const SYMBOLS: &[&str] = &[
@@ -21,6 +21,7 @@ pub(super) const SYMBOLS: &[&str] = &[
     "cuOccupancyAvailableDynamicSMemPerBlock",
     "cuOccupancyMaxActiveClusters",
     "cuOccupancyMaxPotentialClusterSize",
+    "cuLaunchKernelEx",
 ];
 
 /// The `CUfunction_attribute` with value `attrib`.
@@ -101,14 +102,57 @@ pub(super) fn occupancy(func: cu::CUfunction, q: &OccupancyQuery) -> GpuResult<i
     }
 }
 
-/// The two cluster queries, which take a launch configuration.
-fn cluster_query(func: cu::CUfunction, q: &OccupancyQuery) -> GpuResult<i64> {
+/// A launch in thread block clusters of `cluster` blocks
+/// (`cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`).
+///
+/// # Safety
+/// `func` and `stream` are live handles of the current context and
+/// `kernel_params` is NULL or points at one pointer per parameter, each to
+/// a value that stays valid for the call.
+pub(super) unsafe fn launch_cluster(
+    func: cu::CUfunction,
+    config: &LaunchConfig,
+    cluster: [u32; 3],
+    stream: cu::CUstream,
+    kernel_params: *mut *mut std::ffi::c_void,
+) -> GpuResult<()> {
+    if cluster.contains(&0) {
+        return Err(Status::INVALID_VALUE);
+    }
+    let mut attr = cluster_attribute(cluster);
+    let [gx, gy, gz] = config.grid;
+    let [bx, by, bz] = config.block;
+    let launch = cu::CUlaunchConfig {
+        gridDimX: gx,
+        gridDimY: gy,
+        gridDimZ: gz,
+        blockDimX: bx,
+        blockDimY: by,
+        blockDimZ: bz,
+        sharedMemBytes: config.shared_mem,
+        hStream: stream,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: the configuration and its attribute outlive the call; the
+    // caller guarantees the handles and the parameter array.
+    check(unsafe { cu::cuLaunchKernelEx(&launch, func, kernel_params, std::ptr::null_mut()) })
+}
+
+/// A `CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION` attribute.
+fn cluster_attribute(cluster: [u32; 3]) -> cu::CUlaunchAttribute {
     // SAFETY: the attribute is plain data (an id and a union of integers
     // and pointers), for which all zero bits are a valid value.
     let mut attr: cu::CUlaunchAttribute = unsafe { std::mem::zeroed() };
     attr.id = cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-    let [x, y, z] = q.cluster;
+    let [x, y, z] = cluster;
     attr.value.clusterDim = cu::CUlaunchAttributeValue_union__bindgen_ty_1 { x, y, z };
+    attr
+}
+
+/// The two cluster queries, which take a launch configuration.
+fn cluster_query(func: cu::CUfunction, q: &OccupancyQuery) -> GpuResult<i64> {
+    let mut attr = cluster_attribute(q.cluster);
     let has_cluster = q.cluster.iter().any(|d| *d != 0);
     let [gx, gy, gz] = q.config.grid;
     let [bx, by, bz] = q.config.block;

@@ -282,6 +282,21 @@ pub trait GpuContext: Send {
         params: &[u8],
         layout: &[ParamLayout],
     ) -> GpuResult<()>;
+    /// Launches a kernel in thread block clusters of `cluster` blocks
+    /// (`LAUNCH_KERNEL` with `FLAG_CLUSTER`). Executors without cluster
+    /// launches refuse.
+    fn launch_cluster(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        cluster: [u32; 3],
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        let _ = (function, config, cluster, stream, params, layout);
+        Err(Status::NOT_SUPPORTED)
+    }
 
     /// Reads a `CUfunction_attribute` of a function.
     fn func_get_attribute(&mut self, function: RawHandle, attrib: i32) -> GpuResult<i32> {
