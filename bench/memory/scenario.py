@@ -116,13 +116,13 @@ class Tenant:
 
 def backend_times(logpath, what):
     """(bytes, ms) of each 'Device memory reclaimed/restored' line in the scheduler's log."""
-    pat = re.compile(r"bytes=(\d+) ms=([\d.]+) .*" + what)
+    pat = re.compile(what + r".*bytes=(\d+) ms=([\d.]+)")
     out = []
     with open(logpath, errors="replace") as f:
         for line in f:
             clean = re.sub(r"\x1b\[[0-9;]*m", "", line)
             m = pat.search(clean)
-            if m:
+            if m and int(m.group(1)) > 0:
                 out.append((int(m.group(1)), float(m.group(2))))
     return out
 

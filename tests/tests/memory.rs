@@ -78,8 +78,10 @@ fn a_reclaimed_slice_keeps_every_byte_through_many_swap_cycles_and_its_neighbour
     assert!(ask(&mut a, "alloc 3 4", "ALLOCATED") >= 12 * MIB);
     assert!(ask(&mut b, "alloc 5 2", "ALLOCATED") >= 10 * MIB);
     assert!(ask(&mut other, "alloc 2 3", "ALLOCATED") >= 6 * MIB);
-    poll_until(WAIT, "the victim's memory to be published", || {
-        (memory(&sched, "be")["resident"].as_u64()? >= 22 * MIB).then_some(())
+    poll_until(WAIT, "both slices' memory to be published", || {
+        (memory(&sched, "be")["resident"].as_u64()? >= 22 * MIB
+            && memory(&sched, "lc")["resident"].as_u64()? >= 6 * MIB)
+            .then_some(())
     });
 
     for round in 1..=5u64 {

@@ -223,7 +223,7 @@ impl SchedulerBuilder {
         }
         tracing::info!(socket = %api_socket.display(), tcp = ?tcp_addr, "API listening");
         core.attach_marked();
-        servers.push(restore_loop(Arc::clone(&core), &self.config, &shutdown));
+        servers.push(restore_loop(Arc::clone(&core), &shutdown));
         Ok(Scheduler {
             core,
             metering,
@@ -256,23 +256,16 @@ where
     })
 }
 
-/// Every 100 ms, gives slices reclaimed for a claim their memory back once it fits on their
-/// GPU again.
-fn restore_loop(
-    core: Arc<Core>,
-    config: &Config,
-    shutdown: &watch::Sender<bool>,
-) -> JoinHandle<()> {
-    let sizes: Vec<(u32, u64)> = config.gpus.iter().map(|g| (g.index, g.memory)).collect();
+/// Every 100 ms, gives slices reclaimed for a claim their memory back once it fits again.
+fn restore_loop(core: Arc<Core>, shutdown: &watch::Sender<bool>) -> JoinHandle<()> {
     let mut rx = shutdown.subscribe();
     tokio::spawn(async move {
-        let gpu_memory = |gpu: u32| sizes.iter().find(|(i, _)| *i == gpu).map_or(0, |(_, m)| *m);
         loop {
             tokio::select! {
                 _ = rx.wait_for(|stop| *stop) => return,
                 () = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
-            core.restore_when_room(gpu_memory);
+            core.restore_when_room();
         }
     })
 }

@@ -43,8 +43,9 @@ pub struct SliceMemory {
     pub reclaims: u64,
     /// The scheduler asks it to give its memory back.
     pub evicted: bool,
-    /// Reclaimed for a claim: restored by itself once its memory fits again.
-    pub restore_when_room: bool,
+    /// Reclaimed for a claim: restored by itself once its GPU's resident bytes plus its own
+    /// swapped bytes are at most this (the level when the claim was made).
+    pub restore_below: Option<u64>,
     /// It has GPU work now (an idle slice is reclaimed first).
     pub busy: bool,
     /// GPU time in the last second, %.
@@ -136,14 +137,18 @@ impl Core {
     /// Reclaims every named slice's memory and waits until their backends confirm (nothing
     /// resident).
     pub async fn reclaim(&self, names: &[String]) -> Result<Outcome, MemoryError> {
-        self.reclaim_for(names, false).await
+        self.reclaim_for(names, None).await
     }
 
-    async fn reclaim_for(&self, names: &[String], auto: bool) -> Result<Outcome, MemoryError> {
+    async fn reclaim_for(
+        &self,
+        names: &[String],
+        restore_below: Option<u64>,
+    ) -> Result<Outcome, MemoryError> {
         let start = Instant::now();
         let before: u64 = self.memory_of(names)?.iter().map(|m| m.resident).sum();
         for name in names {
-            self.set_evicted(name, true, auto)?;
+            self.set_evicted(name, true, restore_below)?;
         }
         self.wait_for(names, |m| m.resident == 0 && m.evicted)
             .await?;
@@ -159,7 +164,7 @@ impl Core {
         let start = Instant::now();
         let before: u64 = self.memory_of(names)?.iter().map(|m| m.swapped).sum();
         for name in names {
-            self.set_evicted(name, false, false)?;
+            self.set_evicted(name, false, None)?;
         }
         self.wait_for(names, |m| m.swapped == 0 && !m.evicted)
             .await?;
@@ -188,26 +193,38 @@ impl Core {
         }
         let victims = choose_victims(&all, name, bytes)
             .ok_or(MemoryError::NothingToReclaim { gpu: me.gpu, bytes })?;
-        tracing::info!(slice = %name, bytes, ?victims, "reclaiming memory for a slice within its guarantee");
-        self.reclaim_for(&victims, true).await
+        // The GPU held this much when it turned out full for `bytes` more: the victims fit
+        // again once the GPU is back at or below it with them.
+        let level: u64 = all
+            .iter()
+            .filter(|m| m.gpu == me.gpu)
+            .map(|m| m.resident)
+            .sum();
+        tracing::info!(slice = %name, bytes, ?victims, level, "reclaiming memory for a slice within its guarantee");
+        self.reclaim_for(&victims, Some(level)).await
     }
 
-    /// Clears `evict` for reclaimed slices whose swapped bytes fit on their GPU again (by the
-    /// scheduler's estimate; a backend that still cannot map them stays frozen and retries).
-    /// Called periodically.
-    pub fn restore_when_room(&self, gpu_memory: impl Fn(u32) -> u64) {
+    /// Clears `evict` for slices reclaimed for a claim once their swapped bytes fit on their
+    /// GPU again: its resident bytes plus theirs at most the level the GPU held when the claim
+    /// was made (a level known to fit; the declared GPU size would ignore the CUDA contexts'
+    /// own memory). A backend that still cannot map them stays frozen and retries. Called
+    /// periodically.
+    pub fn restore_when_room(&self) {
         let all = self.memory();
-        for m in all.iter().filter(|m| m.evicted && m.restore_when_room) {
+        for m in &all {
+            let Some(level) = m.restore_below.filter(|_| m.evicted) else {
+                continue;
+            };
             let used: u64 = all
                 .iter()
                 .filter(|o| o.gpu == m.gpu)
                 .map(|o| o.resident)
                 .sum();
-            if used.saturating_add(m.swapped) <= gpu_memory(m.gpu) {
-                if let Err(e) = self.set_evicted(&m.name, false, false) {
+            if used.saturating_add(m.swapped) <= level {
+                if let Err(e) = self.set_evicted(&m.name, false, None) {
                     tracing::warn!(slice = %m.name, "cannot restore: {e}");
                 } else {
-                    tracing::info!(slice = %m.name, swapped = m.swapped, "memory fits again: restoring");
+                    tracing::info!(slice = %m.name, swapped = m.swapped, used, level, "memory fits again: restoring");
                 }
             }
         }

@@ -18,7 +18,7 @@ fn slice(
         swapped: 0,
         reclaims: 0,
         evicted: false,
-        restore_when_room: false,
+        restore_below: None,
         busy,
         busy_pct,
     }

@@ -314,11 +314,11 @@ impl Core {
         &self,
         name: &str,
         evicted: bool,
-        restore_when_room: bool,
+        restore_below: Option<u64>,
     ) -> Result<(), ServiceError> {
         let mut reg = self.lock();
         let entry = reg.get_mut(name)?;
-        entry.restore_when_room = evicted && restore_when_room;
+        entry.restore_below = restore_below.filter(|_| evicted);
         if entry.evicted != evicted {
             entry.evicted = evicted;
             self.publish(&reg);
@@ -344,7 +344,7 @@ impl Core {
                     swapped: snap.mem_swapped,
                     reclaims: snap.reclaims,
                     evicted: e.evicted,
-                    restore_when_room: e.restore_when_room,
+                    restore_below: e.restore_below,
                     busy: snap.busy,
                     busy_pct: u.busy_pct,
                 })
