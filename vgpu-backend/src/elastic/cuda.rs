@@ -1,19 +1,23 @@
 //! [`CudaChunks`]: [`ChunkMemory`] on a real GPU, with the CUDA virtual memory management
 //! API (`cuMemAddressReserve`, `cuMemCreate`, `cuMemMap`, `cuMemSetAccess`, ...).
 //!
-//! Each chunk is its own physical allocation (`CU_MEM_ALLOCATION_TYPE_PINNED` on the
-//! context's device), mapped read/write for that device; its handle is released as soon as
-//! it is mapped, so unmapping frees it. Swapping copies chunks to pinned host memory
-//! (`cuMemHostAlloc` slabs of up to [`SLAB_CHUNKS`] chunks, kept in a pool and reused by the
-//! next swap, since pinning is slower than copying) with asynchronous copies spread over
-//! [`STREAMS`] non-blocking streams and merged where both sides are contiguous, then waits
-//! for all of them.
+//! Each extent is one physical allocation (`CU_MEM_ALLOCATION_TYPE_PINNED` on the context's
+//! device) of its whole length: one `cuMemCreate`, one `cuMemMap`, one `cuMemSetAccess` and
+//! one zeroing memset; its handle is released as soon as it is mapped, so its one
+//! `cuMemUnmap` frees it. Swapping copies extents to pinned host memory (`cuMemHostAlloc` slabs
+//! of up to [`SLAB_CHUNKS`] chunk-sized slots, kept in a pool and reused by the next swap,
+//! since pinning is slower than copying; an extent's slots need not be contiguous) with
+//! asynchronous copies spread over [`STREAMS`] non-blocking streams, each copy a run of chunks
+//! contiguous on both sides (inside one slab) of at most [`MAX_COPY`] bytes. Swap-out unmaps
+//! each extent as soon as its copies are done, while later ones are still copying; swap-in
+//! maps each extent and queues its copies before mapping the next, so mapping overlaps the
+//! copies.
 //!
 //! **Every method, and drop, must run with the owning CUDA context current on the calling
 //! thread** (the CUDA executor enters its context before touching its heap). Streams and
 //! pinned buffers belong to that context.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ptr;
 use std::sync::OnceLock;
 
@@ -21,7 +25,7 @@ use cudarc::driver::sys::{self as cu, CUdevice, CUresult};
 use tracing::warn;
 use vgpu_spec::Status;
 
-use super::{ChunkMemory, ElasticHeap, CHUNK};
+use super::{ChunkMemory, ElasticHeap, Extent, CHUNK};
 use crate::gpu::{GpuResult, MemoryUsage};
 
 /// Driver functions used here; the CUDA executor checks them at open, with its own.
@@ -52,8 +56,9 @@ pub const SYMBOLS: &[&str] = &[
 pub const STREAMS: usize = 4;
 /// Chunks per pinned host slab (64 MiB).
 pub const SLAB_CHUNKS: usize = 32;
-/// Longest single copy: contiguous runs are cut here so every stream gets work.
-const MAX_COPY: u64 = 16 * CHUNK;
+/// Longest single copy (32 MiB): extents are cut into copies of at most this, so every
+/// stream gets work.
+pub const MAX_COPY: u64 = 16 * CHUNK;
 
 /// False when the environment sets `VGPU_ELASTIC=0` (or `off`, `false`): contexts then
 /// allocate with plain `cuMemAlloc` (or host blocks on the emulated device) and cannot swap.
@@ -86,17 +91,21 @@ struct Slab {
     chunks: usize,
 }
 
-/// Pinned host chunks, handed out and taken back; freed only on drop or
+/// Pinned host chunk-sized slots, handed out and taken back; freed only on drop or
 /// [`CudaChunks::release_idle_pinned`].
 #[derive(Default)]
 struct PinnedPool {
     slabs: Vec<Slab>,
-    /// Free chunk-sized slots, each inside a slab.
+    /// The first slot of every slab.
+    starts: HashSet<*mut u8>,
+    /// Free slots, each inside a slab.
     free: Vec<*mut u8>,
 }
 
 impl PinnedPool {
-    /// `n` slots, pinning new slabs as needed (`OUT_OF_MEMORY` when the host cannot).
+    /// `n` slots in ascending address order, the lowest free ones (so that they are
+    /// contiguous where possible), pinning new slabs as needed (`OUT_OF_MEMORY` when the host
+    /// cannot).
     fn take(&mut self, n: usize) -> GpuResult<Vec<*mut u8>> {
         while self.free.len() < n {
             let chunks = (n - self.free.len()).min(SLAB_CHUNKS);
@@ -108,13 +117,14 @@ impl PinnedPool {
                 Status::OUT_OF_MEMORY
             })?;
             let base = p.cast::<u8>();
-            // Pushed last-first so that popping (split_off) yields ascending addresses.
-            self.free.extend(
-                (0..chunks)
-                    .rev()
-                    .map(|i| base.wrapping_add(i * CHUNK as usize)),
-            );
+            self.free
+                .extend((0..chunks).map(|i| base.wrapping_add(i * CHUNK as usize)));
             self.slabs.push(Slab { ptr: base, chunks });
+            self.starts.insert(base);
+        }
+        // Highest first, so that the last n are the lowest, taken in ascending order.
+        if !self.free.is_sorted_by(|a, b| a >= b) {
+            self.free.sort_unstable_by(|a, b| b.cmp(a));
         }
         let mut taken = self.free.split_off(self.free.len() - n);
         taken.reverse();
@@ -123,6 +133,12 @@ impl PinnedPool {
 
     fn put(&mut self, slots: impl IntoIterator<Item = *mut u8>) {
         self.free.extend(slots);
+    }
+
+    /// True when `p` is the first slot of a slab: no copy may run into it from below (the
+    /// memory below, if pinned at all, is another allocation).
+    fn starts_slab(&self, p: *mut u8) -> bool {
+        self.starts.contains(&p)
     }
 
     fn bytes(&self) -> u64 {
@@ -137,6 +153,7 @@ impl PinnedPool {
             let inside = |p: &*mut u8| *p >= slab.ptr && *p < end;
             if self.free.iter().filter(|p| inside(p)).count() == slab.chunks {
                 self.free.retain(|p| !inside(p));
+                self.starts.remove(&slab.ptr);
                 free_slab(&slab);
             } else {
                 kept.push(slab);
@@ -153,12 +170,30 @@ fn free_slab(slab: &Slab) {
     }
 }
 
-/// Device chunks through the CUDA virtual memory management API.
+/// The host copy of a swapped-out extent.
+struct Saved {
+    len: u64,
+    /// One pinned slot per chunk of the extent, in order.
+    slots: Vec<*mut u8>,
+    /// Its unmap failed after the copy: the extent is still mapped, with its contents (nothing
+    /// runs in a swapped-out context), so restoring it needs no copy.
+    still_mapped: bool,
+}
+
+/// The (device chunk, host slot) pairs of the extent at `va` saved in `slots`.
+fn pairs_of(va: u64, slots: &[*mut u8]) -> Vec<(u64, *mut u8)> {
+    (0u64..)
+        .zip(slots)
+        .map(|(i, &slot)| (va + i * CHUNK, slot))
+        .collect()
+}
+
+/// Device extents through the CUDA virtual memory management API.
 pub struct CudaChunks {
     device: CUdevice,
     streams: Vec<cu::CUstream>,
-    /// Host copies of swapped-out chunks.
-    saved: HashMap<u64, *mut u8>,
+    /// Host copies of swapped-out extents, by start.
+    saved: HashMap<u64, Saved>,
     pool: PinnedPool,
 }
 
@@ -210,7 +245,7 @@ impl CudaChunks {
         self.pool.bytes()
     }
 
-    /// Frees pooled pinned host memory no saved chunk uses.
+    /// Frees pooled pinned host memory no saved extent uses.
     pub fn release_idle_pinned(&mut self) {
         self.pool.release_idle();
     }
@@ -237,42 +272,44 @@ impl CudaChunks {
         }
     }
 
-    /// Creates a physical chunk and maps it at `va` (no access set yet).
-    fn map_physical(&self, va: u64) -> GpuResult<()> {
+    /// Creates one physical allocation of `len` bytes, maps it at `va` and lets the device
+    /// read and write it (contents undefined). Nothing is left mapped on failure.
+    fn map_extent(&self, va: u64, len: u64) -> GpuResult<()> {
+        let bytes = usize::try_from(len).map_err(|_| Status::INVALID_VALUE)?;
         let prop = self.prop();
         let mut handle: cu::CUmemGenericAllocationHandle = 0;
         // SAFETY: handle and prop are valid pointers for the call.
-        check(unsafe { cu::cuMemCreate(&mut handle, CHUNK as usize, &prop, 0) })?;
-        // SAFETY: va is a CHUNK-aligned, unmapped chunk of our reservation; handle is live.
-        let mapped = check(unsafe { cu::cuMemMap(va, CHUNK as usize, 0, handle, 0) });
+        check(unsafe { cu::cuMemCreate(&mut handle, bytes, &prop, 0) })?;
+        // SAFETY: [va, va + len) is a CHUNK-aligned, unmapped range of our reservation;
+        // handle is live and `len` bytes long.
+        let mapped = check(unsafe { cu::cuMemMap(va, bytes, 0, handle, 0) });
         // SAFETY: the handle is not used again; a mapping keeps the memory alive until it is
         // unmapped, and without one the memory is freed now.
         if let Err(status) = check(unsafe { cu::cuMemRelease(handle) }) {
-            warn!(%status, "Releasing a chunk handle failed");
+            warn!(%status, "Releasing an extent handle failed");
         }
-        mapped
-    }
-
-    /// Lets the device read and write `[va, va + len)`, all mapped.
-    fn set_access(&self, va: u64, len: u64) -> GpuResult<()> {
+        mapped?;
         let desc = cu::CUmemAccessDesc {
             location: self.location(),
             flags: cu::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
         };
         // SAFETY: the range is mapped; desc is valid for the call.
-        check(unsafe { cu::cuMemSetAccess(va, len as usize, &desc, 1) })
+        if let Err(status) = check(unsafe { cu::cuMemSetAccess(va, bytes, &desc, 1) }) {
+            Self::unmap_logged(va, len, "Unmapping an extent after a failed cuMemSetAccess");
+            return Err(status);
+        }
+        Ok(())
     }
 
-    fn unmap_chunk(va: u64) -> GpuResult<()> {
-        // SAFETY: va starts a chunk we mapped; its contents are given up.
-        check(unsafe { cu::cuMemUnmap(va, CHUNK as usize) })
+    /// Unmaps (and so frees) the extent `[va, va + len)`, exactly as one `cuMemMap` mapped it.
+    fn unmap_extent(va: u64, len: u64) -> GpuResult<()> {
+        // SAFETY: [va, va + len) is one extent we mapped; its contents are given up.
+        check(unsafe { cu::cuMemUnmap(va, len as usize) })
     }
 
-    fn unmap_all(vas: &[u64]) {
-        for &va in vas {
-            if let Err(status) = Self::unmap_chunk(va) {
-                warn!(%status, va, "Unmapping a chunk while undoing a failed map failed");
-            }
+    fn unmap_logged(va: u64, len: u64, what: &str) {
+        if let Err(status) = Self::unmap_extent(va, len) {
+            warn!(%status, va, len, "{what} failed");
         }
     }
 
@@ -286,9 +323,13 @@ impl CudaChunks {
         result
     }
 
-    /// Splits `pairs` into copies: runs of chunks contiguous on both sides, at most
-    /// [`MAX_COPY`] each, as (first index, chunks).
-    fn copies(pairs: &[(u64, *mut u8)]) -> Vec<(usize, usize)> {
+    /// Splits `pairs` (one extent's chunks with their host slots) into copies: runs of chunks
+    /// contiguous on both sides, at most [`MAX_COPY`] each, never running into a host slot for
+    /// which `starts_slab` holds, as (first index, chunks).
+    fn copies(
+        pairs: &[(u64, *mut u8)],
+        starts_slab: impl Fn(*mut u8) -> bool,
+    ) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         let mut i = 0;
         while i < pairs.len() {
@@ -299,6 +340,7 @@ impl CudaChunks {
                 if len >= MAX_COPY
                     || next_va != va + len
                     || next_host != host.wrapping_add(len as usize)
+                    || starts_slab(next_host)
                 {
                     break;
                 }
@@ -308,6 +350,11 @@ impl CudaChunks {
             i += n;
         }
         out
+    }
+
+    /// The copies of one extent's `pairs` (see [`CudaChunks::copies`]).
+    fn copies_of(&self, pairs: &[(u64, *mut u8)]) -> Vec<(usize, usize)> {
+        Self::copies(pairs, |p| self.pool.starts_slab(p))
     }
 
     /// Issues one asynchronous copy of `n` chunks from `pairs[i]` on stream `k % STREAMS`.
@@ -321,9 +368,9 @@ impl CudaChunks {
         let (va, host) = pairs[i];
         let len = n * CHUNK as usize;
         let stream = self.streams[k % self.streams.len()];
-        // SAFETY: the host range is `len` bytes of pinned slots (contiguous, checked by
-        // `copies`), the device range `len` bytes of mapped chunks; both stay alive until the
-        // copy's stream is synchronized.
+        // SAFETY: the host range is `len` bytes of pinned slots (contiguous inside one slab,
+        // checked by `copies`), the device range `len` bytes of one mapped extent; both stay
+        // alive until the copy's stream is synchronized.
         check(unsafe {
             if to_host {
                 cu::cuMemcpyDtoHAsync_v2(host.cast(), va, len, stream)
@@ -351,6 +398,34 @@ impl CudaChunks {
         }
         Ok(event)
     }
+
+    /// Issues the copies to host of every extent (`plan`: each extent's chunk/slot pairs),
+    /// an event after each copy; returns the events and, per extent, the end of its events.
+    /// On failure waits for what was issued and destroys the events.
+    fn issue_saves(
+        &self,
+        plan: &[(Extent, Vec<(u64, *mut u8)>)],
+    ) -> GpuResult<(Vec<cu::CUevent>, Vec<usize>)> {
+        let mut events = Vec::new();
+        let mut ends = Vec::with_capacity(plan.len());
+        let mut k = 0;
+        for (_, pairs) in plan {
+            for copy in self.copies_of(pairs) {
+                let issued = self.issue(pairs, copy, k, true).and_then(|()| self.mark(k));
+                k += 1;
+                match issued {
+                    Ok(event) => events.push(event),
+                    Err(status) => {
+                        let _ = self.synchronize_streams();
+                        events.into_iter().for_each(destroy_event);
+                        return Err(status);
+                    }
+                }
+            }
+            ends.push(events.len());
+        }
+        Ok((events, ends))
+    }
 }
 
 fn destroy_event(event: cu::CUevent) {
@@ -374,21 +449,19 @@ impl ChunkMemory for CudaChunks {
         }
     }
 
-    fn map(&mut self, va: u64) -> GpuResult<()> {
-        self.map_physical(va)?;
+    fn map(&mut self, va: u64, len: u64) -> GpuResult<()> {
         let stream = self
             .streams
             .first()
             .copied()
             .ok_or(Status::NOT_INITIALIZED)?;
-        let zeroing = self.set_access(va, CHUNK).and_then(|()| {
-            // SAFETY: the chunk is mapped and accessible; the stream is ours. A fresh chunk
-            // may hold another context's old data: it is zeroed before any use (`settle`
-            // waits for it before the allocation is handed out).
-            check(unsafe { cu::cuMemsetD8Async(va, 0, CHUNK as usize, stream) })
-        });
+        self.map_extent(va, len)?;
+        // SAFETY: the extent is mapped and accessible; the stream is ours. A fresh extent
+        // may hold another context's old data: it is zeroed before any use (`settle` waits
+        // for it before the allocation is handed out).
+        let zeroing = check(unsafe { cu::cuMemsetD8Async(va, 0, len as usize, stream) });
         if let Err(status) = zeroing {
-            Self::unmap_all(&[va]);
+            Self::unmap_logged(va, len, "Unmapping an extent after a failed memset");
             return Err(status);
         }
         Ok(())
@@ -402,114 +475,154 @@ impl ChunkMemory for CudaChunks {
         }
     }
 
-    fn unmap(&mut self, va: u64) -> GpuResult<()> {
-        Self::unmap_chunk(va)
+    fn unmap(&mut self, va: u64, len: u64) -> GpuResult<()> {
+        Self::unmap_extent(va, len)
     }
 
-    /// Copies every chunk out, unmapping each run as soon as its copy is done (the unmaps
-    /// overlap the later copies). A failed copy unmaps nothing. A chunk whose unmap fails is
-    /// still counted saved (its data is), and stays mapped.
-    fn save(&mut self, vas: &[u64]) -> GpuResult<()> {
-        if vas.iter().any(|va| self.saved.contains_key(va)) {
+    /// Issues the copies of every extent, then unmaps each extent as soon as its copies are
+    /// done (the unmaps overlap the later copies). A failed issue unmaps nothing; a failed
+    /// copy stops the unmapping and restores the extents already unmapped. An extent whose
+    /// unmap fails is still saved (its data is), and stays mapped.
+    fn save(&mut self, extents: &[Extent]) -> GpuResult<()> {
+        if extents.iter().any(|(va, _)| self.saved.contains_key(va)) {
             return Err(Status::INVALID_VALUE);
         }
-        let slots = self.pool.take(vas.len())?;
-        let pairs: Vec<(u64, *mut u8)> = vas.iter().copied().zip(slots).collect();
-        let copies = Self::copies(&pairs);
-        let mut events = Vec::with_capacity(copies.len());
-        let mut issued = Ok(());
-        for (k, &copy) in copies.iter().enumerate() {
-            issued = self
-                .issue(&pairs, copy, k, true)
-                .and_then(|()| self.mark(k).map(|e| events.push(e)));
-            if issued.is_err() {
+        let total = extents.iter().map(|&(_, len)| (len / CHUNK) as usize).sum();
+        let mut slots = self.pool.take(total)?.into_iter();
+        let plan: Vec<(Extent, Vec<(u64, *mut u8)>)> = extents
+            .iter()
+            .map(|&(va, len)| {
+                let mine: Vec<*mut u8> = slots.by_ref().take((len / CHUNK) as usize).collect();
+                ((va, len), pairs_of(va, &mine))
+            })
+            .collect();
+        let (events, ends) = match self.issue_saves(&plan) {
+            Ok(issued) => issued,
+            Err(status) => {
+                self.pool
+                    .put(plan.iter().flat_map(|(_, p)| p.iter().map(|&(_, h)| h)));
+                return Err(status);
+            }
+        };
+        let mut result = Ok(());
+        let mut done = 0; // extents unmapped (or kept) and saved
+        let mut start = 0;
+        for (((va, len), pairs), &end) in plan.iter().zip(&ends) {
+            for &event in &events[start..end] {
+                // SAFETY: a live event recorded after one of this extent's copies.
+                let r = check(unsafe { cu::cuEventSynchronize(event) });
+                result = result.and(r);
+            }
+            start = end;
+            if result.is_err() {
                 break;
             }
+            let still_mapped = Self::unmap_extent(*va, *len)
+                .inspect_err(|status| warn!(%status, va, "Unmapping a saved extent failed"))
+                .is_err();
+            let slots = pairs.iter().map(|&(_, host)| host).collect();
+            self.saved.insert(
+                *va,
+                Saved {
+                    len: *len,
+                    slots,
+                    still_mapped,
+                },
+            );
+            done += 1;
         }
-        if let Err(status) = issued.and(if events.len() == copies.len() {
-            Ok(())
-        } else {
-            Err(Status::UNKNOWN)
-        }) {
-            let _ = self.synchronize_streams();
-            events.into_iter().for_each(destroy_event);
-            self.pool.put(pairs.iter().map(|&(_, host)| host));
-            return Err(status);
+        events.into_iter().for_each(destroy_event);
+        let Err(status) = result else {
+            return Ok(());
+        };
+        // All or nothing: bring back what was unmapped, give back the other slots.
+        let _ = self.synchronize_streams();
+        let unmapped: Vec<Extent> = plan[..done].iter().map(|(e, _)| *e).collect();
+        if let Err(error) = self.restore(&unmapped) {
+            warn!(%error, "Restoring extents after a failed swap-out failed");
         }
-        let mut result = Ok(());
-        for (&(i, n), event) in copies.iter().zip(events) {
-            // SAFETY: a live event recorded after this copy.
-            let done = check(unsafe { cu::cuEventSynchronize(event) });
-            destroy_event(event);
-            if let Err(status) = done {
-                result = Err(status);
-            }
-            for &(va, host) in &pairs[i..i + n] {
-                if result.is_ok() {
-                    if let Err(status) = Self::unmap_chunk(va) {
-                        warn!(%status, va, "Unmapping a saved chunk failed");
-                    }
-                }
-                self.saved.insert(va, host);
-            }
-        }
-        result
+        self.pool.put(
+            plan[done..]
+                .iter()
+                .flat_map(|(_, p)| p.iter().map(|&(_, h)| h)),
+        );
+        Err(status)
     }
 
-    /// Maps, opens and copies back run by run, so that mapping the next run overlaps the copy
-    /// of the previous one; any failure unmaps what it mapped and keeps every saved copy.
-    fn restore(&mut self, vas: &[u64]) -> GpuResult<()> {
-        let mut pairs = Vec::with_capacity(vas.len());
-        for va in vas {
-            pairs.push((*va, *self.saved.get(va).ok_or(Status::INVALID_VALUE)?));
+    /// Maps, opens and queues the copies back extent by extent, so that mapping the next
+    /// extent overlaps the copies of the previous ones; any failure unmaps what it mapped and
+    /// keeps every saved copy.
+    fn restore(&mut self, extents: &[Extent]) -> GpuResult<()> {
+        let mut order = extents.to_vec();
+        order.sort_unstable_by_key(|&(va, _)| va);
+        if order
+            .iter()
+            .any(|(va, len)| self.saved.get(va).is_none_or(|s| s.len != *len))
+        {
+            return Err(Status::INVALID_VALUE);
         }
-        pairs.sort_unstable_by_key(|&(va, _)| va);
-        let mut mapped = 0usize;
+        let mut mapped: Vec<Extent> = Vec::new();
         let mut result = Ok(());
-        for (k, (i, n)) in Self::copies(&pairs).into_iter().enumerate() {
-            for &(va, _) in &pairs[i..i + n] {
-                result = self.map_physical(va);
+        let mut k = 0;
+        for &(va, len) in &order {
+            let pairs = match self.saved.get(&va) {
+                Some(saved) if !saved.still_mapped => pairs_of(va, &saved.slots),
+                _ => continue, // contents still on the device
+            };
+            result = self.map_extent(va, len);
+            if result.is_err() {
+                break;
+            }
+            mapped.push((va, len));
+            for copy in self.copies_of(&pairs) {
+                result = self.issue(&pairs, copy, k, false);
+                k += 1;
                 if result.is_err() {
                     break;
                 }
-                mapped += 1;
             }
-            result = result
-                .and_then(|()| self.set_access(pairs[i].0, n as u64 * CHUNK))
-                .and_then(|()| self.issue(&pairs, (i, n), k, false));
             if result.is_err() {
                 break;
             }
         }
-        let result = result.and(self.synchronize_streams());
-        if let Err(status) = result {
+        if let Err(status) = result.and(self.synchronize_streams()) {
             let _ = self.synchronize_streams();
-            let vas: Vec<u64> = pairs[..mapped].iter().map(|&(va, _)| va).collect();
-            Self::unmap_all(&vas);
+            for &(va, len) in &mapped {
+                Self::unmap_logged(va, len, "Unmapping an extent after a failed restore");
+            }
             return Err(status);
         }
-        for (va, host) in pairs {
-            self.saved.remove(&va);
-            self.pool.put([host]);
+        for (va, _) in order {
+            if let Some(saved) = self.saved.remove(&va) {
+                self.pool.put(saved.slots);
+            }
         }
         Ok(())
     }
 
     fn discard(&mut self, va: u64) {
-        if let Some(host) = self.saved.remove(&va) {
-            self.pool.put([host]);
+        if let Some(saved) = self.saved.remove(&va) {
+            if saved.still_mapped {
+                Self::unmap_logged(va, saved.len, "Unmapping a discarded extent");
+            }
+            self.pool.put(saved.slots);
         }
     }
 }
 
 impl Drop for CudaChunks {
     fn drop(&mut self) {
-        let saved: Vec<*mut u8> = self.saved.drain().map(|(_, host)| host).collect();
-        self.pool.put(saved);
+        for (va, saved) in std::mem::take(&mut self.saved) {
+            if saved.still_mapped {
+                Self::unmap_logged(va, saved.len, "Unmapping an extent of dropped chunk memory");
+            }
+            self.pool.put(saved.slots);
+        }
         for slab in self.pool.slabs.drain(..) {
             free_slab(&slab);
         }
         self.pool.free.clear();
+        self.pool.starts.clear();
         for stream in self.streams.drain(..) {
             // SAFETY: our own stream, idle (every method waits for its copies).
             if let Err(status) = check(unsafe { cu::cuStreamDestroy_v2(stream) }) {

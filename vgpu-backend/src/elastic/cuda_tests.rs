@@ -7,29 +7,52 @@ use super::*;
 use crate::gpu::cuda::CudaGpu;
 use crate::gpu::{Gpu, GpuContext, HostBuf, LaunchConfig};
 
+fn slot(i: usize) -> *mut u8 {
+    (0x1000_0000usize + i * CHUNK as usize) as *mut u8
+}
+
 #[test]
 fn copies_merge_chunks_contiguous_on_both_sides_up_to_the_longest_copy() {
-    let host = |i: usize| (0x1000_0000usize + i * CHUNK as usize) as *mut u8;
-    // Device 0,1,2 with host 0,1,2: one copy; device 5 alone; device 7,8 with host 4,6: two.
-    let pairs = [
-        (0, host(0)),
-        (CHUNK, host(1)),
-        (2 * CHUNK, host(2)),
-        (5 * CHUNK, host(3)),
-        (7 * CHUNK, host(4)),
-        (8 * CHUNK, host(6)),
-    ];
+    let none = |_| false;
+    // An extent of 6 chunks with host slots 0,1,2,3 then 5,7: copies of 4, 1 and 1.
+    let slots = [slot(0), slot(1), slot(2), slot(3), slot(5), slot(7)];
+    let pairs = pairs_of(8 * CHUNK, &slots);
+    assert_eq!(pairs[4], (12 * CHUNK, slot(5)));
     assert_eq!(
-        CudaChunks::copies(&pairs),
-        vec![(0, 3), (3, 1), (4, 1), (5, 1)]
+        CudaChunks::copies(&pairs, none),
+        vec![(0, 4), (4, 1), (5, 1)]
     );
-    assert!(CudaChunks::copies(&[]).is_empty());
-    let long: Vec<(u64, *mut u8)> = (0..40).map(|i| (i as u64 * CHUNK, host(i))).collect();
+    assert!(CudaChunks::copies(&[], none).is_empty());
+    let slots: Vec<*mut u8> = (0..40).map(slot).collect();
     assert_eq!(
-        CudaChunks::copies(&long),
+        CudaChunks::copies(&pairs_of(0, &slots), none),
         vec![(0, 16), (16, 16), (32, 8)],
         "copies stop at MAX_COPY so every stream gets work"
     );
+    assert_eq!(MAX_COPY, 32 << 20);
+}
+
+#[test]
+fn copies_never_run_from_one_pinned_slab_into_the_next() {
+    // Host slots 0..8 are contiguous, but a second slab starts at slot 3.
+    let slots: Vec<*mut u8> = (0..8).map(slot).collect();
+    let copies = CudaChunks::copies(&pairs_of(0, &slots), |p| p == slot(3));
+    assert_eq!(copies, vec![(0, 3), (3, 5)]);
+}
+
+#[test]
+fn the_pinned_pool_hands_out_its_lowest_free_slots_in_ascending_order() {
+    // Slots returned in any order come back sorted, so an extent's copies merge again.
+    let mut pool = PinnedPool::default();
+    pool.put([slot(5), slot(1), slot(4), slot(0), slot(2), slot(3)]);
+    assert_eq!(
+        pool.take(4).unwrap(),
+        vec![slot(0), slot(1), slot(2), slot(3)]
+    );
+    pool.put([slot(1), slot(0)]);
+    assert_eq!(pool.take(3).unwrap(), vec![slot(0), slot(1), slot(4)]);
+    assert_eq!(pool.take(1).unwrap(), vec![slot(5)]);
+    pool.free.clear(); // no slab behind these fake slots
 }
 
 #[test]
@@ -122,8 +145,8 @@ fn real_gpu_elastic_memory_keeps_every_byte_across_swap_cycles() {
     }
     let usage = ctx.memory_usage();
     assert!(
-        // 1 + 100 + 4096 + 1 MiB share chunk 0; 2 MiB + 12345 takes chunks 1-2 and 7 MiB
-        // chunks 3-6.
+        // 1 + 100 + 4096 + 1 MiB share chunk 0; 2 MiB + 12345 has an extent of chunks 1-2
+        // and 7 MiB one of chunks 3-6 (its tail chunk not shared).
         usage.resident == 7 * CHUNK && usage.swapped == 0,
         "{usage:?}"
     );
@@ -178,6 +201,28 @@ fn real_gpu_elastic_memory_keeps_every_byte_across_swap_cycles() {
         ctx.mem_free(d).unwrap();
     }
     assert_eq!(ctx.memory_usage().resident, 0);
+}
+
+/// A freed large extent's physical memory comes back zeroed in the next allocation, whole:
+/// the zeroing memset covers every chunk of the extent.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn real_gpu_new_extents_read_as_zeros_after_a_freed_one_held_data() {
+    let gpu = open().with_heap_capacity(1 << 30);
+    let mut ctx = gpu.create_context(0).unwrap();
+    let size = (64usize << 20) + 4096;
+    for round in 0..3u32 {
+        let d = ctx.mem_alloc(size as u64).unwrap();
+        assert_eq!(d % CHUNK, 0);
+        assert_eq!(ctx.memory_usage().resident, 33 * CHUNK);
+        assert!(
+            read(&mut ctx, d, size).iter().all(|&b| b == 0),
+            "round {round}: a new extent is not zeroed"
+        );
+        ctx.memset(d, 0xab, 1, size as u64, None, false).unwrap();
+        ctx.mem_free(d).unwrap();
+        assert_eq!(ctx.memory_usage().resident, 0);
+    }
 }
 
 /// Work in a swapped-out context (a copy, a memset) swaps it in first.

@@ -1,7 +1,7 @@
 //! Tests of `heap.rs`: with a fake [`ChunkMemory`] that counts calls and injects failures, and
 //! with [`HostChunks`] where every byte can be checked.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use super::*;
@@ -12,19 +12,42 @@ const BASE: u64 = 0x10_0000_0000;
 /// What the fake saw, shared with the test after the heap owns the fake.
 #[derive(Default)]
 struct Log {
-    mapped: BTreeSet<u64>,
-    saved: BTreeSet<u64>,
-    maps: usize,
-    unmaps: usize,
+    /// Mapped extents: start -> length.
+    mapped: BTreeMap<u64, u64>,
+    saved: BTreeMap<u64, u64>,
+    /// Every map and unmap call, in order: (start, length).
+    map_calls: Vec<Extent>,
+    unmap_calls: Vec<Extent>,
+    /// The extents of the last save.
+    last_save: Vec<Extent>,
     discards: usize,
     released: bool,
-    /// Maps fail with OUT_OF_MEMORY once this many chunks are mapped.
-    map_limit: Option<usize>,
+    /// Maps fail with OUT_OF_MEMORY when they would take the chunks mapped past this.
+    map_limit: Option<u64>,
     fail_restore: bool,
     fail_save: bool,
+    /// Unmaps fail (and leave the extent mapped) while set.
+    fail_unmap: bool,
     /// `settle` calls, and whether the next one fails.
     settles: usize,
     fail_settle: bool,
+}
+
+impl Log {
+    fn mapped_chunks(&self) -> u64 {
+        self.mapped.values().map(|len| len / CHUNK).sum()
+    }
+    fn maps(&self) -> usize {
+        self.map_calls.len()
+    }
+    fn unmaps(&self) -> usize {
+        self.unmap_calls.len()
+    }
+}
+
+/// Whether `[va, va + len)` overlaps an extent of `extents`.
+fn overlaps(extents: &BTreeMap<u64, u64>, va: u64, len: u64) -> bool {
+    extents.iter().any(|(&s, &l)| s < va + len && va < s + l)
 }
 
 struct Fake(Arc<Mutex<Log>>);
@@ -38,18 +61,26 @@ impl ChunkMemory for Fake {
         assert_eq!(base, BASE);
         assert!(
             log.mapped.is_empty() && log.saved.is_empty(),
-            "released with chunks"
+            "released with extents"
         );
         log.released = true;
     }
-    fn map(&mut self, va: u64) -> GpuResult<()> {
+    fn map(&mut self, va: u64, len: u64) -> GpuResult<()> {
         let mut log = self.0.lock().unwrap();
         assert_eq!(va % CHUNK, 0);
-        if log.map_limit.is_some_and(|l| log.mapped.len() >= l) {
+        assert!(len > 0 && len.is_multiple_of(CHUNK));
+        if log
+            .map_limit
+            .is_some_and(|l| log.mapped_chunks() + len / CHUNK > l)
+        {
             return Err(Status::OUT_OF_MEMORY);
         }
-        assert!(log.mapped.insert(va), "mapped twice");
-        log.maps += 1;
+        assert!(
+            !overlaps(&log.mapped, va, len) && !overlaps(&log.saved, va, len),
+            "mapped over an extent"
+        );
+        log.mapped.insert(va, len);
+        log.map_calls.push((va, len));
         Ok(())
     }
     fn settle(&mut self) -> GpuResult<()> {
@@ -60,37 +91,46 @@ impl ChunkMemory for Fake {
         }
         Ok(())
     }
-    fn unmap(&mut self, va: u64) -> GpuResult<()> {
+    fn unmap(&mut self, va: u64, len: u64) -> GpuResult<()> {
         let mut log = self.0.lock().unwrap();
-        assert!(log.mapped.remove(&va), "unmapped a chunk not mapped");
-        log.unmaps += 1;
+        assert_eq!(
+            log.mapped.get(&va),
+            Some(&len),
+            "unmapped other than mapped"
+        );
+        if log.fail_unmap {
+            return Err(Status::UNKNOWN);
+        }
+        log.mapped.remove(&va);
+        log.unmap_calls.push((va, len));
         Ok(())
     }
-    fn save(&mut self, vas: &[u64]) -> GpuResult<()> {
+    fn save(&mut self, extents: &[Extent]) -> GpuResult<()> {
         let mut log = self.0.lock().unwrap();
         if log.fail_save {
             return Err(Status::OUT_OF_MEMORY);
         }
-        for va in vas {
-            assert!(log.mapped.remove(va));
-            log.saved.insert(*va);
+        for &(va, len) in extents {
+            assert_eq!(log.mapped.remove(&va), Some(len));
+            log.saved.insert(va, len);
         }
+        log.last_save = extents.to_vec();
         Ok(())
     }
-    fn restore(&mut self, vas: &[u64]) -> GpuResult<()> {
+    fn restore(&mut self, extents: &[Extent]) -> GpuResult<()> {
         let mut log = self.0.lock().unwrap();
         if log.fail_restore {
             return Err(Status::OUT_OF_MEMORY);
         }
-        for va in vas {
-            assert!(log.saved.remove(va));
-            log.mapped.insert(*va);
+        for &(va, len) in extents {
+            assert_eq!(log.saved.remove(&va), Some(len));
+            log.mapped.insert(va, len);
         }
         Ok(())
     }
     fn discard(&mut self, va: u64) {
         let mut log = self.0.lock().unwrap();
-        assert!(log.saved.remove(&va));
+        assert!(log.saved.remove(&va).is_some());
         log.discards += 1;
     }
 }
@@ -140,7 +180,7 @@ fn capacity_rounds_up_to_whole_chunks_and_nothing_is_mapped_at_first() {
     assert_eq!(heap.capacity(), 2 * CHUNK);
     assert_eq!(heap.base(), BASE);
     assert_eq!(heap.resident_bytes(), 0);
-    assert_eq!(log.lock().unwrap().maps, 0);
+    assert_eq!(log.lock().unwrap().maps(), 0);
 }
 
 #[test]
@@ -153,23 +193,109 @@ fn small_allocations_share_a_chunk_and_are_512_aligned() {
     assert_eq!(b, BASE + 512);
     assert_eq!(c, BASE + 512 + 1024);
     assert!([a, b, c].iter().all(|p| p % ALLOC_ALIGN == 0));
-    assert_eq!(log.lock().unwrap().maps, 1);
+    assert_eq!(log.lock().unwrap().map_calls, vec![(BASE, CHUNK)]);
     assert_eq!(heap.resident_bytes(), CHUNK);
     assert_eq!(heap.allocated_bytes(), 1513);
 }
 
 #[test]
-fn large_allocations_start_on_a_chunk_and_leave_their_tail_to_small_ones() {
+fn a_large_allocations_tail_is_not_shared_with_small_ones() {
     let (mut heap, log) = fake(8 * CHUNK);
     let small = heap.alloc(100).unwrap();
     let big = heap.alloc(CHUNK + CHUNK / 2).unwrap();
     assert_eq!(big % CHUNK, 0);
     assert_eq!(big, BASE + CHUNK);
-    assert_eq!(log.lock().unwrap().maps, 3);
-    // First fit: the rest of the first chunk, then the tail of the big one's last chunk.
+    assert_eq!(
+        log.lock().unwrap().map_calls,
+        vec![(BASE, CHUNK), (big, 2 * CHUNK)]
+    );
+    // First fit: the rest of the first chunk, then past the big one's extent (not its tail).
     assert_eq!(heap.alloc(CHUNK - 512).unwrap(), small + 512);
-    assert_eq!(heap.alloc(1024).unwrap(), big + CHUNK + CHUNK / 2);
-    assert_eq!(log.lock().unwrap().maps, 3);
+    let after = heap.alloc(1024).unwrap();
+    assert_eq!(after, big + 2 * CHUNK);
+    assert_eq!(log.lock().unwrap().maps(), 3);
+    // Freeing the big one unmaps its whole extent although a small one follows it.
+    heap.free(big).unwrap();
+    assert_eq!(log.lock().unwrap().unmap_calls, vec![(big, 2 * CHUNK)]);
+    assert_eq!(heap.resident_bytes(), 2 * CHUNK);
+}
+
+#[test]
+fn a_large_allocation_maps_one_extent_with_one_map_call() {
+    let (mut heap, log) = fake(64 * CHUNK);
+    let big = heap.alloc(20 * CHUNK + 1).unwrap();
+    assert_eq!(big, BASE);
+    let l = log.lock().unwrap();
+    assert_eq!(l.map_calls, vec![(BASE, 21 * CHUNK)]);
+    assert_eq!(l.settles, 1);
+    drop(l);
+    assert_eq!(heap.resident_bytes(), 21 * CHUNK);
+    assert_eq!(heap.find(big, 20 * CHUNK + 1), Some((big, 20 * CHUNK + 1)));
+    assert_eq!(
+        heap.find(big, 20 * CHUNK + 2),
+        None,
+        "the tail is not allocated"
+    );
+}
+
+#[test]
+fn freeing_a_large_allocation_unmaps_its_extent_with_one_unmap_call() {
+    let (mut heap, log) = fake(64 * CHUNK);
+    let a = heap.alloc(6 * CHUNK).unwrap();
+    let b = heap.alloc(3 * CHUNK + 100).unwrap();
+    assert_eq!(heap.free(b), Ok(3 * CHUNK + 100));
+    assert_eq!(log.lock().unwrap().unmap_calls, vec![(b, 4 * CHUNK)]);
+    assert_eq!(heap.free(a), Ok(6 * CHUNK));
+    let l = log.lock().unwrap();
+    assert_eq!(l.unmap_calls, vec![(b, 4 * CHUNK), (a, 6 * CHUNK)]);
+    assert!(l.mapped.is_empty());
+    drop(l);
+    assert_eq!(heap.resident_bytes(), 0);
+}
+
+#[test]
+fn a_small_allocation_straddling_two_chunks_keeps_both_until_freed() {
+    let (mut heap, log) = fake(8 * CHUNK);
+    let a = heap.alloc(CHUNK / 2).unwrap();
+    let b = heap.alloc(CHUNK * 3 / 4).unwrap();
+    assert_eq!(b, a + CHUNK / 2);
+    assert_eq!(
+        log.lock().unwrap().map_calls,
+        vec![(BASE, CHUNK), (BASE + CHUNK, CHUNK)]
+    );
+    heap.free(a).unwrap();
+    assert_eq!(
+        log.lock().unwrap().unmaps(),
+        0,
+        "b still uses the first chunk"
+    );
+    heap.free(b).unwrap();
+    assert_eq!(log.lock().unwrap().unmaps(), 2);
+    assert_eq!(heap.resident_bytes(), 0);
+}
+
+#[test]
+fn an_extent_left_mapped_by_a_failed_unmap_is_reused_or_unmapped_before_its_addresses_are() {
+    let (mut heap, log) = fake(16 * CHUNK);
+    let big = heap.alloc(4 * CHUNK).unwrap();
+    log.lock().unwrap().fail_unmap = true;
+    heap.free(big).unwrap();
+    assert_eq!(heap.resident_bytes(), 4 * CHUNK, "kept, and counted");
+    log.lock().unwrap().fail_unmap = false;
+    // The same extent again: reused as it is.
+    assert_eq!(heap.alloc(4 * CHUNK), Ok(big));
+    assert_eq!(log.lock().unwrap().maps(), 1);
+    log.lock().unwrap().fail_unmap = true;
+    heap.free(big).unwrap();
+    log.lock().unwrap().fail_unmap = false;
+    // A small allocation at its start: the leftover goes first, then one chunk is mapped.
+    let small = heap.alloc(100).unwrap();
+    assert_eq!(small, big);
+    let l = log.lock().unwrap();
+    assert_eq!(l.unmap_calls, vec![(big, 4 * CHUNK)]);
+    assert_eq!(l.map_calls.last(), Some(&(big, CHUNK)));
+    drop(l);
+    assert_eq!(heap.resident_bytes(), CHUNK);
 }
 
 #[test]
@@ -178,9 +304,9 @@ fn a_chunk_is_unmapped_when_its_last_allocation_goes() {
     let a = heap.alloc(4096).unwrap();
     let b = heap.alloc(4096).unwrap();
     assert_eq!(heap.free(a), Ok(4096));
-    assert_eq!(log.lock().unwrap().unmaps, 0);
+    assert_eq!(log.lock().unwrap().unmaps(), 0);
     assert_eq!(heap.free(b), Ok(4096));
-    assert_eq!(log.lock().unwrap().unmaps, 1);
+    assert_eq!(log.lock().unwrap().unmap_calls, vec![(BASE, CHUNK)]);
     assert_eq!(heap.resident_bytes(), 0);
     // Freed space is whole again: a range-sized allocation fits.
     let all = heap.alloc(8 * CHUNK).unwrap();
@@ -238,12 +364,12 @@ fn a_failed_map_leaves_nothing_half_done() {
     let (mut heap, log) = fake(8 * CHUNK);
     let a = heap.alloc(100).unwrap();
     log.lock().unwrap().map_limit = Some(3);
-    // Needs 4 new chunks; 2 can be mapped before the limit: both are undone.
+    // Needs one extent of 4 chunks, more than the 2 left: nothing is mapped.
     assert_eq!(heap.alloc(4 * CHUNK), Err(Status::OUT_OF_MEMORY));
     {
         let log = log.lock().unwrap();
-        assert_eq!(log.mapped.len(), 1);
-        assert_eq!(log.unmaps, 2);
+        assert_eq!(log.mapped_chunks(), 1);
+        assert_eq!((log.maps(), log.unmaps()), (1, 0));
     }
     assert_eq!(heap.resident_bytes(), CHUNK);
     assert_eq!(heap.find(a, 100), Some((a, 100)));
@@ -253,17 +379,21 @@ fn a_failed_map_leaves_nothing_half_done() {
 }
 
 #[test]
-fn swap_out_and_in_move_every_resident_chunk() {
+fn swap_out_and_in_move_every_resident_extent_whole() {
     let (mut heap, log) = fake(8 * CHUNK);
     heap.alloc(3 * CHUNK).unwrap();
     heap.alloc(100).unwrap();
     assert_eq!(heap.swap_out(), Ok(4 * CHUNK));
+    assert_eq!(
+        log.lock().unwrap().last_save,
+        vec![(BASE, 3 * CHUNK), (BASE + 3 * CHUNK, CHUNK)]
+    );
     assert!(heap.is_swapped());
     assert_eq!(
         (heap.resident_bytes(), heap.swapped_bytes()),
         (0, 4 * CHUNK)
     );
-    assert_eq!(log.lock().unwrap().saved.len(), 4);
+    assert_eq!(log.lock().unwrap().saved.len(), 2);
     assert_eq!(heap.swap_out(), Ok(0), "nothing left to move");
     assert_eq!(heap.swap_in(), Ok(4 * CHUNK));
     assert!(!heap.is_swapped());
@@ -302,13 +432,13 @@ fn swap_in_out_of_memory_stays_swapped_and_a_later_swap_in_succeeds() {
 }
 
 #[test]
-fn freeing_while_swapped_out_discards_the_saved_chunk() {
+fn freeing_while_swapped_out_discards_the_saved_extent() {
     let (mut heap, log) = fake(4 * CHUNK);
     let a = heap.alloc(100).unwrap();
     let big = heap.alloc(2 * CHUNK).unwrap();
     heap.swap_out().unwrap();
     assert_eq!(heap.free(big), Ok(2 * CHUNK));
-    assert_eq!(log.lock().unwrap().discards, 2);
+    assert_eq!(log.lock().unwrap().discards, 1);
     assert_eq!(heap.swapped_bytes(), CHUNK);
     assert!(heap.is_swapped());
     assert_eq!(heap.swap_in(), Ok(CHUNK));
@@ -325,7 +455,7 @@ fn allocating_while_swapped_out_swaps_in_first() {
     assert_eq!(b, BASE + 512);
     let log = log.lock().unwrap();
     assert!(log.saved.is_empty());
-    assert_eq!(log.mapped.len(), 1);
+    assert_eq!(log.mapped_chunks(), 1);
 }
 
 #[test]
@@ -345,18 +475,21 @@ fn dropping_the_heap_unmaps_discards_and_releases_everything() {
     let log = log.lock().unwrap();
     assert!(log.released);
     assert!(log.mapped.is_empty() && log.saved.is_empty());
-    assert_eq!(log.discards, 5);
+    assert_eq!(log.discards, 4, "four extents: 2 chunks, 1, 1 shared, 1");
 }
 
 #[test]
-fn dropping_a_resident_heap_unmaps_every_chunk() {
+fn dropping_a_resident_heap_unmaps_every_extent() {
     let (mut heap, log) = fake(8 * CHUNK);
     heap.alloc(3 * CHUNK).unwrap();
     heap.alloc(10).unwrap();
     drop(heap);
     let log = log.lock().unwrap();
     assert!(log.released && log.mapped.is_empty());
-    assert_eq!(log.unmaps, 4);
+    assert_eq!(
+        log.unmap_calls,
+        vec![(BASE, 3 * CHUNK), (BASE + 3 * CHUNK, CHUNK)]
+    );
 }
 
 #[test]
@@ -421,14 +554,14 @@ fn every_byte_survives_many_swap_cycles_interleaved_with_alloc_and_free() {
         spans.sort_unstable();
         assert!(spans.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
     }
-    // Resident chunks are exactly those the live allocations touch.
+    // Resident chunks are exactly those the live allocations' extents hold.
     let touched: HashSet<u64> = live
         .iter()
         .flat_map(|(a, _)| {
             let a = *a;
             let size = heap.find(a, 1).unwrap().1;
-            let span = size.next_multiple_of(ALLOC_ALIGN);
-            chunks_of(a, span)
+            let unit = if size >= CHUNK { CHUNK } else { ALLOC_ALIGN };
+            chunks_of(a, size.next_multiple_of(unit))
         })
         .collect();
     assert_eq!(heap.resident_bytes(), touched.len() as u64 * CHUNK);
@@ -442,8 +575,9 @@ fn host_swap_in_out_of_memory_keeps_the_bytes_for_a_later_swap_in() {
     fill(&mut heap, a, 7);
     let b = heap.alloc(300).unwrap();
     fill(&mut heap, b, 8);
-    assert_eq!(heap.swap_out(), Ok(2 * CHUNK));
-    heap.memory_mut().set_budget(Some(1));
+    assert_eq!(b, a + 2 * CHUNK, "not in the tail of a's extent");
+    assert_eq!(heap.swap_out(), Ok(3 * CHUNK));
+    heap.memory_mut().set_budget(Some(2));
     assert_eq!(heap.swap_in(), Err(Status::OUT_OF_MEMORY));
     assert!(heap.is_swapped());
     assert_eq!(heap.memory().mapped_chunks(), 0);
@@ -452,7 +586,8 @@ fn host_swap_in_out_of_memory_keeps_the_bytes_for_a_later_swap_in() {
         "no host view while swapped"
     );
     heap.memory_mut().set_budget(None);
-    assert_eq!(heap.swap_in(), Ok(2 * CHUNK));
+    assert_eq!(heap.swap_in(), Ok(3 * CHUNK));
+    assert_eq!(heap.memory().mapped_extents(), 2);
     check(&heap, a, 7);
     check(&heap, b, 8);
 }
@@ -511,10 +646,11 @@ fn an_allocation_settles_its_new_chunks_once_and_a_failed_settle_undoes_them() {
     assert_eq!(heap.alloc(3 * CHUNK), Err(Status::UNKNOWN));
     let l = log.lock().unwrap();
     assert_eq!(
-        l.mapped.len(),
+        l.mapped_chunks(),
         6,
-        "the three chunks of the failed allocation are unmapped"
+        "the extent of the failed allocation is unmapped"
     );
+    assert_eq!(l.unmap_calls, vec![(BASE + 6 * CHUNK, 3 * CHUNK)]);
     drop(l);
     assert_eq!(heap.resident_bytes(), 6 * CHUNK);
 }

@@ -2,22 +2,22 @@
 //!
 //! The reservation is one anonymous private mapping (`MAP_NORESERVE`, so untouched pages cost
 //! nothing), and device address `va` lies at host address `host + (va - base)`: device ranges
-//! are contiguous in host memory across chunks, so a copy spanning chunks is one host copy.
+//! are contiguous in host memory across extents, so a copy spanning extents is one host copy.
 //! Device addresses come from a window the emulated executor hands over (its own address
 //! allocator keeps every device's addresses apart).
 //!
-//! Mapping a chunk only marks it (its pages are zero: fresh, or dropped with
+//! Mapping an extent only records it (its pages are zero: fresh, or dropped with
 //! `MADV_DONTNEED`); an optional budget of mapped chunks makes running out of device memory
-//! testable. Unmapping and saving drop the chunk's pages, so device memory read without a
+//! testable. Unmapping and saving drop the extent's pages, so device memory read without a
 //! correct restore reads zeros, which integrity tests catch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::ptr::NonNull;
 
 use tracing::warn;
 use vgpu_spec::Status;
 
-use super::{ChunkMemory, CHUNK};
+use super::{ChunkMemory, Extent, CHUNK};
 use crate::gpu::GpuResult;
 
 /// The host mapping behind a reservation.
@@ -28,14 +28,18 @@ struct Mapping {
     len: u64,
 }
 
-/// Host memory standing in for device chunks.
+/// Host memory standing in for device extents.
 pub struct HostChunks {
     /// The device address window reservations are placed in.
     window_base: u64,
     window_len: u64,
     mapping: Option<Mapping>,
-    mapped: HashSet<u64>,
-    saved: HashMap<u64, Vec<u8>>,
+    /// Mapped extents: start -> length.
+    mapped: BTreeMap<u64, u64>,
+    /// Saved extents: start -> their bytes.
+    saved: BTreeMap<u64, Vec<u8>>,
+    mapped_chunks: usize,
+    saved_chunks: usize,
     /// Most chunks mapped at once; `None` for no limit.
     budget: Option<usize>,
 }
@@ -43,6 +47,19 @@ pub struct HostChunks {
 // SAFETY: HostChunks exclusively owns its mapping (like a Box<[u8]>); nothing in it is tied
 // to a thread.
 unsafe impl Send for HostChunks {}
+
+/// Whether an extent of `extents` (start -> what gives its length) overlaps `[va, va + len)`:
+/// the last one starting before that range's end reaches past `va`.
+fn overlaps<V>(extents: &BTreeMap<u64, V>, len_of: impl Fn(&V) -> u64, va: u64, len: u64) -> bool {
+    extents
+        .range(..va + len)
+        .next_back()
+        .is_some_and(|(&start, v)| start + len_of(v) > va)
+}
+
+fn chunks(len: u64) -> usize {
+    (len / CHUNK) as usize
+}
 
 impl HostChunks {
     /// Chunk memory whose reservation will lie at `window_base` (a multiple of [`CHUNK`]) and
@@ -52,30 +69,37 @@ impl HostChunks {
             window_base,
             window_len,
             mapping: None,
-            mapped: HashSet::new(),
-            saved: HashMap::new(),
+            mapped: BTreeMap::new(),
+            saved: BTreeMap::new(),
+            mapped_chunks: 0,
+            saved_chunks: 0,
             budget: None,
         }
     }
 
     /// Limits the chunks mapped at once to `chunks` (`None`: no limit); mapping beyond it
-    /// fails with `OUT_OF_MEMORY`. Chunks mapped already stay mapped.
+    /// fails with `OUT_OF_MEMORY`. Extents mapped already stay mapped.
     pub fn set_budget(&mut self, chunks: Option<usize>) {
         self.budget = chunks;
     }
 
-    /// Chunks mapped now.
+    /// Chunks mapped now (over every extent).
     pub fn mapped_chunks(&self) -> usize {
+        self.mapped_chunks
+    }
+
+    /// Extents mapped now.
+    pub fn mapped_extents(&self) -> usize {
         self.mapped.len()
     }
 
-    /// Chunks saved now.
+    /// Chunks saved now (over every extent).
     pub fn saved_chunks(&self) -> usize {
-        self.saved.len()
+        self.saved_chunks
     }
 
     /// Host address of device range `[va, va + len)`, if it lies in the reservation and every
-    /// chunk it touches is mapped (`len > 0`).
+    /// byte of it is in a mapped extent (`len > 0`).
     pub fn host_ptr(&self, va: u64, len: u64) -> Option<NonNull<u8>> {
         let m = self.mapping.as_ref()?;
         let offset = va.checked_sub(m.base)?;
@@ -83,13 +107,15 @@ impl HostChunks {
         if len == 0 {
             return None;
         }
-        let first = va - offset % CHUNK;
-        let last = m.base + (end - 1) / CHUNK * CHUNK;
-        let all_mapped = (first..=last)
-            .step_by(CHUNK as usize)
-            .all(|chunk| self.mapped.contains(&chunk));
-        if !all_mapped {
-            return None;
+        // Walk the extents covering the range: each must start where the last one ended.
+        let end = m.base + end;
+        let mut at = va;
+        while at < end {
+            let (&start, &l) = self.mapped.range(..=at).next_back()?;
+            if start + l <= at {
+                return None;
+            }
+            at = start + l;
         }
         let offset = usize::try_from(offset).ok()?;
         // SAFETY: offset + len <= the mapping's length (checked above), so the result stays
@@ -112,23 +138,26 @@ impl HostChunks {
         Some(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), usize::try_from(len).ok()?) })
     }
 
-    /// The host bytes of the chunk at `va` (which must be in the reservation).
-    fn chunk_ptr(&self, va: u64) -> GpuResult<*mut u8> {
+    /// The host bytes of extent `[va, va + len)`, which must be whole chunks in the
+    /// reservation.
+    fn extent_ptr(&self, va: u64, len: u64) -> GpuResult<*mut u8> {
         let m = self.mapping.as_ref().ok_or(Status::INVALID_VALUE)?;
+        let whole = len > 0 && len.is_multiple_of(CHUNK);
         let offset = va
             .checked_sub(m.base)
-            .filter(|o| o.is_multiple_of(CHUNK) && o + CHUNK <= m.len)
+            .filter(|o| whole && o.is_multiple_of(CHUNK))
+            .filter(|o| o.checked_add(len).is_some_and(|end| end <= m.len))
             .ok_or(Status::INVALID_VALUE)?;
         let offset = usize::try_from(offset).map_err(|_| Status::INVALID_VALUE)?;
-        // SAFETY: offset + CHUNK <= the mapping's length (checked above).
+        // SAFETY: offset + len <= the mapping's length (checked above).
         Ok(unsafe { m.host.as_ptr().add(offset) })
     }
 
-    /// Drops the pages of the chunk at `ptr`: they read as zeros from now on.
-    fn drop_pages(ptr: *mut u8) {
-        // SAFETY: ptr starts a CHUNK-long, page-aligned piece of our private anonymous
-        // mapping; MADV_DONTNEED only discards its contents.
-        let rc = unsafe { libc::madvise(ptr.cast(), CHUNK as usize, libc::MADV_DONTNEED) };
+    /// Drops the pages of the `len` bytes at `ptr`: they read as zeros from now on.
+    fn drop_pages(ptr: *mut u8, len: u64) {
+        // SAFETY: ptr starts a `len`-long (whole chunks), page-aligned piece of our private
+        // anonymous mapping (extent_ptr); MADV_DONTNEED only discards its contents.
+        let rc = unsafe { libc::madvise(ptr.cast(), len as usize, libc::MADV_DONTNEED) };
         if rc != 0 {
             warn!(error = %std::io::Error::last_os_error(), "madvise(MADV_DONTNEED) failed");
         }
@@ -136,7 +165,7 @@ impl HostChunks {
 
     fn within_budget(&self, more: usize) -> bool {
         self.budget
-            .is_none_or(|budget| self.mapped.len().saturating_add(more) <= budget)
+            .is_none_or(|budget| self.mapped_chunks.saturating_add(more) <= budget)
     }
 }
 
@@ -181,75 +210,93 @@ impl ChunkMemory for HostChunks {
         };
         self.mapped.clear();
         self.saved.clear();
+        self.mapped_chunks = 0;
+        self.saved_chunks = 0;
         unmap(&m);
     }
 
-    fn map(&mut self, va: u64) -> GpuResult<()> {
-        self.chunk_ptr(va)?;
-        if self.mapped.contains(&va) || self.saved.contains_key(&va) {
+    fn map(&mut self, va: u64, len: u64) -> GpuResult<()> {
+        self.extent_ptr(va, len)?;
+        if overlaps(&self.mapped, |&l| l, va, len)
+            || overlaps(&self.saved, |copy| copy.len() as u64, va, len)
+        {
             return Err(Status::INVALID_VALUE);
         }
-        if !self.within_budget(1) {
+        if !self.within_budget(chunks(len)) {
             return Err(Status::OUT_OF_MEMORY);
         }
-        self.mapped.insert(va);
+        self.mapped.insert(va, len);
+        self.mapped_chunks += chunks(len);
         Ok(())
     }
 
-    fn unmap(&mut self, va: u64) -> GpuResult<()> {
-        let ptr = self.chunk_ptr(va)?;
-        if !self.mapped.remove(&va) {
+    fn unmap(&mut self, va: u64, len: u64) -> GpuResult<()> {
+        let ptr = self.extent_ptr(va, len)?;
+        if self.mapped.get(&va) != Some(&len) {
             return Err(Status::INVALID_VALUE);
         }
-        Self::drop_pages(ptr);
+        self.mapped.remove(&va);
+        self.mapped_chunks -= chunks(len);
+        Self::drop_pages(ptr, len);
         Ok(())
     }
 
-    fn save(&mut self, vas: &[u64]) -> GpuResult<()> {
-        let mut copies = Vec::with_capacity(vas.len());
-        for &va in vas {
-            if !self.mapped.contains(&va) {
+    fn save(&mut self, extents: &[Extent]) -> GpuResult<()> {
+        let mut copies = Vec::with_capacity(extents.len());
+        for &(va, len) in extents {
+            if self.mapped.get(&va) != Some(&len) {
                 return Err(Status::INVALID_VALUE);
             }
-            let ptr = self.chunk_ptr(va)?;
+            let ptr = self.extent_ptr(va, len)?;
+            let bytes = usize::try_from(len).map_err(|_| Status::OUT_OF_MEMORY)?;
             let mut copy = Vec::new();
-            copy.try_reserve_exact(CHUNK as usize)
+            copy.try_reserve_exact(bytes)
                 .map_err(|_| Status::OUT_OF_MEMORY)?;
-            // SAFETY: ptr starts a mapped CHUNK-long piece of our mapping (chunk_ptr).
-            copy.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, CHUNK as usize) });
-            copies.push((va, ptr, copy));
+            // SAFETY: ptr starts a mapped `len`-long piece of our mapping (extent_ptr).
+            copy.extend_from_slice(unsafe { std::slice::from_raw_parts(ptr, bytes) });
+            copies.push((va, len, ptr, copy));
         }
         // Every copy is taken: only now is anything unmapped.
-        for (va, ptr, copy) in copies {
+        for (va, len, ptr, copy) in copies {
             self.mapped.remove(&va);
-            Self::drop_pages(ptr);
+            self.mapped_chunks -= chunks(len);
+            Self::drop_pages(ptr, len);
             self.saved.insert(va, copy);
+            self.saved_chunks += chunks(len);
         }
         Ok(())
     }
 
-    fn restore(&mut self, vas: &[u64]) -> GpuResult<()> {
-        if vas.iter().any(|va| !self.saved.contains_key(va)) {
-            return Err(Status::INVALID_VALUE);
+    fn restore(&mut self, extents: &[Extent]) -> GpuResult<()> {
+        let mut ptrs = Vec::with_capacity(extents.len());
+        for &(va, len) in extents {
+            if self.saved.get(&va).map(|copy| copy.len() as u64) != Some(len) {
+                return Err(Status::INVALID_VALUE);
+            }
+            ptrs.push(self.extent_ptr(va, len)?);
         }
-        if !self.within_budget(vas.len()) {
+        let more = extents.iter().map(|&(_, len)| chunks(len)).sum();
+        if !self.within_budget(more) {
             return Err(Status::OUT_OF_MEMORY);
         }
-        for &va in vas {
-            let ptr = self.chunk_ptr(va)?;
+        for (&(va, len), ptr) in extents.iter().zip(ptrs) {
             let Some(copy) = self.saved.remove(&va) else {
                 continue;
             };
-            // SAFETY: ptr starts a CHUNK-long piece of our mapping; copy holds CHUNK bytes
-            // in a separate allocation.
-            unsafe { std::ptr::copy_nonoverlapping(copy.as_ptr(), ptr, CHUNK as usize) };
-            self.mapped.insert(va);
+            // SAFETY: ptr starts a `len`-long piece of our mapping (extent_ptr); copy holds
+            // `len` bytes (checked above) in a separate allocation.
+            unsafe { std::ptr::copy_nonoverlapping(copy.as_ptr(), ptr, copy.len()) };
+            self.saved_chunks -= chunks(len);
+            self.mapped.insert(va, len);
+            self.mapped_chunks += chunks(len);
         }
         Ok(())
     }
 
     fn discard(&mut self, va: u64) {
-        self.saved.remove(&va);
+        if let Some(copy) = self.saved.remove(&va) {
+            self.saved_chunks -= chunks(copy.len() as u64);
+        }
     }
 }
 
@@ -277,12 +324,12 @@ mod tests {
     const BASE: u64 = 0x7f00_0000_0000;
 
     #[test]
-    fn device_ranges_are_contiguous_host_memory_across_chunks() {
+    fn device_ranges_are_contiguous_host_memory_across_extents() {
         let mut mem = HostChunks::new(BASE, 8 * CHUNK);
         let base = mem.reserve(4 * CHUNK).unwrap();
         assert_eq!(base, BASE);
-        mem.map(base).unwrap();
-        mem.map(base + CHUNK).unwrap();
+        mem.map(base, CHUNK).unwrap();
+        mem.map(base + CHUNK, CHUNK).unwrap();
         let span = mem.slice_mut(base + CHUNK - 4, 8).unwrap();
         span.copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(mem.slice(base + CHUNK, 4).unwrap(), &[5, 6, 7, 8]);
@@ -293,43 +340,97 @@ mod tests {
     }
 
     #[test]
-    fn unmapped_chunks_read_zeros_when_mapped_again() {
+    fn unmapped_extents_read_zeros_when_mapped_again() {
         let mut mem = HostChunks::new(BASE, 2 * CHUNK);
         let base = mem.reserve(2 * CHUNK).unwrap();
-        mem.map(base).unwrap();
-        mem.slice_mut(base, 16).unwrap().fill(0xee);
-        mem.unmap(base).unwrap();
-        mem.map(base).unwrap();
-        assert!(mem.slice(base, CHUNK).unwrap().iter().all(|&b| b == 0));
+        mem.map(base, 2 * CHUNK).unwrap();
+        mem.slice_mut(base + CHUNK, 16).unwrap().fill(0xee);
+        mem.unmap(base, 2 * CHUNK).unwrap();
+        mem.map(base, 2 * CHUNK).unwrap();
+        assert!(mem.slice(base, 2 * CHUNK).unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn an_extent_is_unmapped_only_whole_and_never_overlapped() {
+        let mut mem = HostChunks::new(BASE, 8 * CHUNK);
+        let base = mem.reserve(8 * CHUNK).unwrap();
+        mem.map(base + CHUNK, 3 * CHUNK).unwrap();
+        assert_eq!((mem.mapped_chunks(), mem.mapped_extents()), (3, 1));
+        assert!(mem.slice(base + CHUNK, 3 * CHUNK).is_some());
+        // Overlapping maps, parts and misaligned extents are refused.
+        assert_eq!(mem.map(base, 2 * CHUNK), Err(Status::INVALID_VALUE));
+        assert_eq!(mem.map(base + 3 * CHUNK, CHUNK), Err(Status::INVALID_VALUE));
+        assert_eq!(mem.map(base + 4 * CHUNK, 100), Err(Status::INVALID_VALUE));
+        assert_eq!(mem.map(base + 4 * CHUNK, 0), Err(Status::INVALID_VALUE));
+        assert_eq!(
+            mem.map(base + 6 * CHUNK, 4 * CHUNK),
+            Err(Status::INVALID_VALUE)
+        );
+        assert_eq!(mem.unmap(base + CHUNK, CHUNK), Err(Status::INVALID_VALUE));
+        assert_eq!(
+            mem.unmap(base + 2 * CHUNK, 2 * CHUNK),
+            Err(Status::INVALID_VALUE)
+        );
+        // Neighbours are fine.
+        mem.map(base, CHUNK).unwrap();
+        mem.map(base + 4 * CHUNK, CHUNK).unwrap();
+        mem.unmap(base + CHUNK, 3 * CHUNK).unwrap();
+        assert_eq!((mem.mapped_chunks(), mem.mapped_extents()), (2, 2));
+        assert!(mem.slice(base, CHUNK + 1).is_none(), "a hole in the range");
     }
 
     #[test]
     fn save_drops_the_pages_and_restore_brings_the_bytes_back() {
-        let mut mem = HostChunks::new(BASE, 2 * CHUNK);
-        let base = mem.reserve(2 * CHUNK).unwrap();
-        mem.map(base).unwrap();
+        let mut mem = HostChunks::new(BASE, 4 * CHUNK);
+        let base = mem.reserve(4 * CHUNK).unwrap();
+        mem.map(base, CHUNK).unwrap();
+        mem.map(base + CHUNK, 3 * CHUNK).unwrap();
         mem.slice_mut(base, 3).unwrap().copy_from_slice(&[9, 8, 7]);
-        mem.save(&[base]).unwrap();
-        assert_eq!((mem.mapped_chunks(), mem.saved_chunks()), (0, 1));
+        let last = base + 4 * CHUNK - 3;
+        mem.slice_mut(last, 3).unwrap().copy_from_slice(&[1, 2, 3]);
+        let extents = [(base, CHUNK), (base + CHUNK, 3 * CHUNK)];
+        mem.save(&extents).unwrap();
+        assert_eq!((mem.mapped_chunks(), mem.saved_chunks()), (0, 4));
         assert!(mem.slice(base, 3).is_none());
-        mem.restore(&[base]).unwrap();
+        // A saved extent's addresses cannot be mapped over.
+        assert_eq!(mem.map(base + 2 * CHUNK, CHUNK), Err(Status::INVALID_VALUE));
+        mem.restore(&extents).unwrap();
         assert_eq!(mem.slice(base, 3).unwrap(), &[9, 8, 7]);
-        assert_eq!((mem.mapped_chunks(), mem.saved_chunks()), (1, 0));
+        assert_eq!(mem.slice(last, 3).unwrap(), &[1, 2, 3]);
+        assert_eq!((mem.mapped_chunks(), mem.saved_chunks()), (4, 0));
     }
 
     #[test]
-    fn the_budget_limits_mapping_and_restoring() {
+    fn saving_or_restoring_an_extent_by_a_wrong_length_changes_nothing() {
         let mut mem = HostChunks::new(BASE, 4 * CHUNK);
         let base = mem.reserve(4 * CHUNK).unwrap();
+        mem.map(base, 2 * CHUNK).unwrap();
+        assert_eq!(mem.save(&[(base, CHUNK)]), Err(Status::INVALID_VALUE));
+        assert_eq!(mem.mapped_chunks(), 2);
+        mem.save(&[(base, 2 * CHUNK)]).unwrap();
+        assert_eq!(mem.restore(&[(base, CHUNK)]), Err(Status::INVALID_VALUE));
+        assert_eq!(mem.saved_chunks(), 2);
+        mem.discard(base);
+        assert_eq!((mem.mapped_chunks(), mem.saved_chunks()), (0, 0));
+    }
+
+    #[test]
+    fn the_budget_limits_mapping_and_restoring_in_chunks() {
+        let mut mem = HostChunks::new(BASE, 4 * CHUNK);
+        let base = mem.reserve(4 * CHUNK).unwrap();
+        mem.set_budget(Some(2));
+        assert_eq!(mem.map(base, 3 * CHUNK), Err(Status::OUT_OF_MEMORY));
+        mem.map(base, 2 * CHUNK).unwrap();
+        assert_eq!(mem.map(base + 2 * CHUNK, CHUNK), Err(Status::OUT_OF_MEMORY));
+        mem.save(&[(base, 2 * CHUNK)]).unwrap();
         mem.set_budget(Some(1));
-        mem.map(base).unwrap();
-        assert_eq!(mem.map(base + CHUNK), Err(Status::OUT_OF_MEMORY));
-        mem.save(&[base]).unwrap();
-        mem.set_budget(Some(0));
-        assert_eq!(mem.restore(&[base]), Err(Status::OUT_OF_MEMORY));
-        assert_eq!(mem.saved_chunks(), 1);
+        assert_eq!(
+            mem.restore(&[(base, 2 * CHUNK)]),
+            Err(Status::OUT_OF_MEMORY)
+        );
+        assert_eq!(mem.saved_chunks(), 2);
         mem.set_budget(None);
-        mem.restore(&[base]).unwrap();
+        mem.restore(&[(base, 2 * CHUNK)]).unwrap();
     }
 
     #[test]
