@@ -36,6 +36,7 @@ pub const SYMBOLS: &[&str] = &[
     "cuMemMap",
     "cuMemSetAccess",
     "cuMemUnmap",
+    "cuCtxSynchronize",
     "cuMemRelease",
     "cuMemGetAllocationGranularity",
     "cuMemHostAlloc",
@@ -475,7 +476,12 @@ impl ChunkMemory for CudaChunks {
         }
     }
 
+    /// Freeing: like `cuMemFree`, waits for the context's work first. Unlike `cuMemFree`,
+    /// `cuMemUnmap` does not: a kernel still running on freed memory (Thrust frees its
+    /// temporary storage right after queueing the kernels that use it) would fault.
     fn unmap(&mut self, va: u64, len: u64) -> GpuResult<()> {
+        // SAFETY: no arguments; the owning context is current (see the module docs).
+        check(unsafe { cu::cuCtxSynchronize() })?;
         Self::unmap_extent(va, len)
     }
 
