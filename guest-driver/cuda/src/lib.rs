@@ -41,6 +41,7 @@ mod library;
 mod logging;
 mod memory;
 mod module;
+mod pointer_attr;
 mod priority;
 mod procaddr;
 mod procaddr_table;

@@ -17,7 +17,7 @@ use crate::unsupported;
 #[allow(clippy::wildcard_imports)]
 use crate::{
     capture_api::*, copy::*, copy_generic::*, ctx::*, device::*, errors::*, event::*, graph::*,
-    launch::*, launch_ex::*, memory::*, module::*, priority::*, stream::*,
+    launch::*, launch_ex::*, memory::*, module::*, pointer_attr::*, priority::*, stream::*,
 };
 
 macro_rules! exports {
@@ -34,6 +34,8 @@ macro_rules! exports {
 }
 
 exports!(
+    cuPointerGetAttribute,
+    cuPointerGetAttributes,
     cuGetErrorName,
     cuGetErrorString,
     cuGetProcAddress,
