@@ -471,8 +471,8 @@ static void test_launch_ex(CUstream s) {
     attr.value.clusterDim.x = 2;
     attr.value.clusterDim.y = 1;
     attr.value.clusterDim.z = 1;
-    check_rc(cuLaunchKernelEx(&cfg, g_step, params, NULL), CUDA_ERROR_NOT_SUPPORTED,
-             "cluster cuLaunchKernelEx is NOT_SUPPORTED");
+    check_rc(cuLaunchKernelEx(&cfg, g_step, params, NULL), CUDA_SUCCESS,
+             "cluster cuLaunchKernelEx is sent with its cluster dimensions");
     memset(&attr, 0, sizeof attr);
     attr.id = (CUlaunchAttributeID)99;
     check_rc(cuLaunchKernelEx(&cfg, g_step, params, NULL), CUDA_ERROR_INVALID_VALUE,

@@ -323,6 +323,21 @@ fn total_len(bufs: &[HostBuf]) -> GpuResult<u64> {
         .ok_or(Status::INVALID_VALUE)
 }
 
+/// The driver's rules for cluster dimensions (portable cluster size: 8 blocks).
+fn check_cluster(config: &LaunchConfig, cluster: [u32; 3]) -> GpuResult<()> {
+    let blocks: u64 = cluster.iter().map(|&c| u64::from(c)).product();
+    let divides = config
+        .grid
+        .iter()
+        .zip(cluster)
+        .all(|(&g, c)| c != 0 && g % c == 0);
+    if divides && (1..=8).contains(&blocks) {
+        Ok(())
+    } else {
+        Err(Status::INVALID_VALUE)
+    }
+}
+
 fn check_launch_config(config: &LaunchConfig) -> GpuResult<()> {
     let [gx, gy, gz] = config.grid;
     let [bx, by, bz] = config.block;
@@ -595,6 +610,22 @@ impl GpuContext for EmulatedContext {
             "Emulated launch validated; the kernel is not executed"
         );
         Ok(())
+    }
+
+    /// A cluster launch: the cluster dimensions must be at least 1, at most 8 blocks together
+    /// (the portable cluster size), and divide the grid, as the driver requires; then as a
+    /// launch.
+    fn launch_cluster(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        cluster: [u32; 3],
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        check_cluster(&config, cluster)?;
+        self.launch(function, config, stream, params, layout)
     }
 
     fn stream_create(&mut self, flags: u32, _priority: i32) -> GpuResult<RawHandle> {

@@ -576,3 +576,28 @@ fn the_heap_holds_the_slice_limit_not_the_device() {
     assert_eq!(gpu.mem_used(), 8 << 20);
     ctx.mem_free(big).unwrap();
 }
+
+#[test]
+fn cluster_launches_need_dimensions_that_divide_the_grid_and_fit_a_portable_cluster() {
+    let config = LaunchConfig {
+        grid: [8, 2, 1],
+        block: [64, 1, 1],
+        shared_mem: 0,
+    };
+    assert_eq!(check_cluster(&config, [2, 1, 1]), Ok(()));
+    assert_eq!(check_cluster(&config, [4, 2, 1]), Ok(()));
+    assert_eq!(
+        check_cluster(&config, [3, 1, 1]),
+        Err(Status::INVALID_VALUE),
+        "3 does not divide 8"
+    );
+    assert_eq!(
+        check_cluster(&config, [8, 2, 1]),
+        Err(Status::INVALID_VALUE),
+        "16 blocks"
+    );
+    assert_eq!(
+        check_cluster(&config, [0, 1, 1]),
+        Err(Status::INVALID_VALUE)
+    );
+}

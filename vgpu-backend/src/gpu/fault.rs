@@ -166,6 +166,18 @@ impl<C: GpuContext> GpuContext for Faulting<C> {
 
     /// A `vgpu_fault` launch is validated like any other and accepted;
     /// the context is poisoned from then on.
+    fn launch_cluster(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        cluster: [u32; 3],
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        healthy!(self).launch_cluster(function, config, cluster, stream, params, layout)
+    }
+
     fn launch(
         &mut self,
         function: RawHandle,
