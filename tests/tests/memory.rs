@@ -153,3 +153,57 @@ fn a_guest_that_disconnects_while_swapped_out_frees_everything() {
     fresh.send_line("stop");
     fresh.wait(WAIT).assert_passed();
 }
+
+/// Two slices on one emulated GPU of 400 MiB (a budget every backend on it shares, as the
+/// memory of a real GPU).
+fn claim_config() -> String {
+    "device = \"emulated\"\n\n[[gpu]]\nindex = 0\nmemory = \"400MiB\"\n\n\
+     [[slice]]\nname = \"be\"\ntenant = \"t-be\"\nclass = \"best-effort\"\n\
+     compute_guarantee_pct = 30\nmemory_guarantee = \"0MiB\"\nmemory_limit = \"300MiB\"\n\
+     attach = true\n\n\
+     [[slice]]\nname = \"lc\"\ntenant = \"t-lc\"\nclass = \"latency-critical\"\n\
+     compute_guarantee_pct = 30\nmemory_guarantee = \"256MiB\"\nmemory_limit = \"256MiB\"\n\
+     attach = true\n"
+        .to_string()
+}
+
+#[test]
+fn a_full_gpu_reclaims_a_best_effort_slice_for_a_claim_within_a_guarantee_and_gives_it_back() {
+    let sched = SchedulerProcess::spawn(&claim_config());
+    let be = sched.wait_for_slice("be");
+    let lc = sched.wait_for_slice("lc");
+    let mut burst = tenant(&be);
+    let mut guaranteed = tenant(&lc);
+    assert!(ask(&mut burst, "alloc 64 4", "ALLOCATED") >= 256 * MIB);
+    assert!(ask(&mut guaranteed, "alloc 64 1", "ALLOCATED") >= 64 * MIB);
+
+    // 128 MiB more for lc do not fit on the GPU next to be's 256 MiB; lc is within its
+    // guarantee, be above its own (0): be is reclaimed and lc's allocations succeed.
+    let got = ask(&mut guaranteed, "alloc 64 2", "ALLOCATED");
+    assert!(got >= 128 * MIB, "lc got {got}\n{}", sched.log());
+    let m = memory(&sched, "be");
+    assert_eq!(m["evicted"], true, "{m}");
+    assert_eq!(m["resident"], 0, "{m}");
+    assert!(m["swapped"].as_u64().unwrap() >= 256 * MIB, "{m}");
+    assert!(ask(&mut guaranteed, "verify", "VERIFIED ") > 0);
+
+    // be is frozen meanwhile, with no error.
+    burst.send_line("sample");
+    assert_eq!(burst.try_line("SAMPLED", Duration::from_millis(300)), None);
+
+    // Once lc frees its memory, be fits again and comes back by itself, every byte intact.
+    guaranteed.send_line("free");
+    guaranteed.wait_for_line("FREED", WAIT);
+    assert!(burst.wait_for_line("SAMPLED", WAIT)["SAMPLED ".len()..].trim() != "0");
+    assert!(ask(&mut burst, "verify", "VERIFIED ") > 0);
+    let m = memory(&sched, "be");
+    assert_eq!(
+        (m["evicted"].as_bool(), m["swapped"].as_u64()),
+        (Some(false), Some(0)),
+        "{m}"
+    );
+    for mut c in [burst, guaranteed] {
+        c.send_line("stop");
+        c.wait(WAIT).assert_passed();
+    }
+}

@@ -199,6 +199,9 @@ pub struct BackendConfig {
     /// The emulated device's GPU lock: a file that stands for one physical
     /// GPU, `flock`ed while a timed kernel runs. Ignored for CUDA.
     pub emulated_gpu_lock: Option<PathBuf>,
+    /// The emulated GPU's memory, shared by every backend using the same lock (a budget file
+    /// next to it). Ignored for CUDA.
+    pub emulated_gpu_memory: Option<u64>,
     /// The bound on queued GPU work (with a board).
     pub max_inflight: std::time::Duration,
     /// How long the backend keeps serving after a kernel faulted before it stops for a clean
@@ -258,6 +261,7 @@ impl BackendConfig {
             emulated_memory: None,
             board: None,
             emulated_gpu_lock: None,
+            emulated_gpu_memory: None,
             max_inflight: crate::throttle::DEFAULT_MAX_INFLIGHT,
             fault_restart_after: crate::server::POISON_GRACE,
             metering: None,

@@ -56,6 +56,10 @@ struct Cli {
     /// held while a timed kernel runs.
     #[arg(long, value_name = "PATH")]
     emulated_gpu_lock: Option<PathBuf>,
+    /// Emulated device only (with --emulated-gpu-lock): the emulated GPU's memory, shared by
+    /// every backend on it (a file next to the lock), so that it can be full for all of them.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, requires = "emulated_gpu_lock")]
+    emulated_gpu_memory: Option<u64>,
     /// The bound on queued GPU work, in microseconds (with a board): a slice that loses its grant
     /// hands the GPU over once this much work has drained.
     #[arg(
@@ -146,6 +150,7 @@ fn main() -> ExitCode {
         config = config.board(path, slot);
     }
     config.emulated_gpu_lock = cli.emulated_gpu_lock;
+    config.emulated_gpu_memory = cli.emulated_gpu_memory;
     config = config.max_inflight_us(cli.max_inflight_us);
     if let (Some(socket), Some(tenant)) = (cli.scheduler_socket, cli.tenant) {
         config = config

@@ -144,8 +144,16 @@ pub fn open_gpu(config: &BackendConfig, throttle: &Arc<Throttle>) -> Result<Arc<
                 None => EmulatedClock::unlocked(throttle.clone()),
             };
             // Each context's elastic heap is as large as the slice's limit.
-            let gpu = EmulatedGpu::with_clock(total, clock)
+            let mut gpu = EmulatedGpu::with_clock(total, clock)
                 .with_heap_capacity(config.memory_limit.unwrap_or(total));
+            if let (Some(lock), Some(bytes)) =
+                (&config.emulated_gpu_lock, config.emulated_gpu_memory)
+            {
+                let path = lock.with_extension("mem");
+                let card = crate::gpu::emulated_card::EmulatedCard::open(&path, bytes)
+                    .map_err(|source| Error::GpuLock { path, source })?;
+                gpu = gpu.with_card(Arc::new(card));
+            }
             Ok(Arc::new(match config.worker {
                 Some(w) => gpu.for_worker(w.index),
                 None => gpu,

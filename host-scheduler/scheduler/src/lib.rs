@@ -178,6 +178,12 @@ impl SchedulerBuilder {
             program: self.backend.unwrap_or_else(default_backend),
             device: self.device.unwrap_or(self.config.device),
             state_dir: dir.clone(),
+            gpu_memory: self
+                .config
+                .gpus
+                .iter()
+                .map(|g| (g.index, g.memory))
+                .collect(),
         };
         tracing::info!(backend = %launcher.program.display(), device = ?launcher.device, state_dir = %dir.display(), "starting");
         let core = Arc::new(Core::new(

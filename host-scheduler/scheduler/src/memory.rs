@@ -43,13 +43,49 @@ pub struct SliceMemory {
     pub reclaims: u64,
     /// The scheduler asks it to give its memory back.
     pub evicted: bool,
-    /// Reclaimed for a claim: restored by itself once its GPU's resident bytes plus its own
-    /// swapped bytes are at most this (the level when the claim was made).
-    pub restore_below: Option<u64>,
+    /// Reclaimed for a claim: restored by itself once that claim's memory is given back.
+    pub claimed: Option<Claimed>,
     /// It has GPU work now (an idle slice is reclaimed first).
     pub busy: bool,
     /// GPU time in the last second, %.
     pub busy_pct: f64,
+}
+
+/// Why a slice was reclaimed for another's claim, and so when it may come back: once the
+/// claimant has taken what it claimed and then holds no more than it did when it claimed
+/// (what it took is back), or once the GPU, with the victim's bytes, is at most
+/// `level - bytes` (the level the GPU held when it turned out full, less the claim: known to
+/// fit even with the claim still held).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Claimed {
+    /// The claimant has been seen holding what it claimed (or [`CLAIM_GRACE`] passed without).
+    pub taken: bool,
+    /// When the claim was made (milliseconds on the scheduler's monotonic clock).
+    #[serde(skip)]
+    pub at_ms: u64,
+    /// The slice that claimed.
+    pub claimant: String,
+    /// What it held when it claimed, bytes.
+    pub claimant_resident: u64,
+    /// What the GPU held then, bytes.
+    pub level: u64,
+    /// What it claimed, bytes.
+    pub bytes: u64,
+}
+
+/// How long a claimant has to take what it claimed before its victims stop waiting for it.
+pub const CLAIM_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether a reclaimed slice's `swapped` bytes may come back, given the GPU's resident bytes
+/// now (`used`) and the claimant's.
+pub fn may_return(claimed: &Claimed, swapped: u64, used: u64, claimant_resident: u64) -> bool {
+    (claimed.taken && claimant_resident <= claimed.claimant_resident)
+        || used.saturating_add(swapped) <= claimed.level.saturating_sub(claimed.bytes)
+}
+
+/// Milliseconds on a monotonic clock.
+pub fn now_ms() -> u64 {
+    vgpu_board::monotonic_ns() / 1_000_000
 }
 
 /// A claim for memory within a slice's guarantee.
@@ -143,12 +179,12 @@ impl Core {
     async fn reclaim_for(
         &self,
         names: &[String],
-        restore_below: Option<u64>,
+        claimed: Option<Claimed>,
     ) -> Result<Outcome, MemoryError> {
         let start = Instant::now();
         let before: u64 = self.memory_of(names)?.iter().map(|m| m.resident).sum();
         for name in names {
-            self.set_evicted(name, true, restore_below)?;
+            self.set_evicted(name, true, claimed.clone())?;
         }
         self.wait_for(names, |m| m.resident == 0 && m.evicted)
             .await?;
@@ -201,18 +237,24 @@ impl Core {
             .map(|m| m.resident)
             .sum();
         tracing::info!(slice = %name, bytes, ?victims, level, "reclaiming memory for a slice within its guarantee");
-        self.reclaim_for(&victims, Some(level)).await
+        let claimed = Claimed {
+            taken: false,
+            at_ms: now_ms(),
+            claimant: name.to_string(),
+            claimant_resident: me.resident,
+            level,
+            bytes,
+        };
+        self.reclaim_for(&victims, Some(claimed)).await
     }
 
-    /// Clears `evict` for slices reclaimed for a claim once their swapped bytes fit on their
-    /// GPU again: its resident bytes plus theirs at most the level the GPU held when the claim
-    /// was made (a level known to fit; the declared GPU size would ignore the CUDA contexts'
-    /// own memory). A backend that still cannot map them stays frozen and retries. Called
-    /// periodically.
+    /// Clears `evict` for slices reclaimed for a claim once their memory may come back
+    /// ([`may_return`]); never before they have swapped out. A backend that still cannot map
+    /// it stays frozen and retries. Called periodically.
     pub fn restore_when_room(&self) {
         let all = self.memory();
         for m in &all {
-            let Some(level) = m.restore_below.filter(|_| m.evicted) else {
+            let Some(claimed) = m.claimed.as_ref().filter(|_| m.evicted && m.resident == 0) else {
                 continue;
             };
             let used: u64 = all
@@ -220,11 +262,26 @@ impl Core {
                 .filter(|o| o.gpu == m.gpu)
                 .map(|o| o.resident)
                 .sum();
-            if used.saturating_add(m.swapped) <= level {
+            let claimant = all
+                .iter()
+                .find(|o| o.name == claimed.claimant)
+                .map_or(0, |o| o.resident);
+            if !claimed.taken
+                && (claimant >= claimed.claimant_resident.saturating_add(claimed.bytes)
+                    || now_ms().saturating_sub(claimed.at_ms) > CLAIM_GRACE.as_millis() as u64)
+            {
+                let mut taken = claimed.clone();
+                taken.taken = true;
+                if let Err(e) = self.set_evicted(&m.name, true, Some(taken)) {
+                    tracing::warn!(slice = %m.name, "cannot update its claim: {e}");
+                }
+                continue;
+            }
+            if may_return(claimed, m.swapped, used, claimant) {
                 if let Err(e) = self.set_evicted(&m.name, false, None) {
                     tracing::warn!(slice = %m.name, "cannot restore: {e}");
                 } else {
-                    tracing::info!(slice = %m.name, swapped = m.swapped, used, level, "memory fits again: restoring");
+                    tracing::info!(slice = %m.name, swapped = m.swapped, used, claimant, "the claim's memory is back: restoring");
                 }
             }
         }

@@ -18,7 +18,7 @@ fn slice(
         swapped: 0,
         reclaims: 0,
         evicted: false,
-        restore_below: None,
+        claimed: None,
         busy,
         busy_pct,
     }
@@ -122,4 +122,25 @@ fn a_claim_that_all_victims_together_cannot_cover_takes_nothing() {
     ];
     assert_eq!(choose_victims(&all, "claimant", 20 * GIB), None);
     assert_eq!(choose_victims(&all, "nobody", GIB), None);
+}
+
+#[test]
+fn a_victim_returns_once_the_claimant_gives_back_what_it_claimed() {
+    let mut c = Claimed {
+        taken: false,
+        at_ms: 0,
+        claimant: "lc".into(),
+        claimant_resident: 10 * GIB,
+        level: 70 * GIB,
+        bytes: 5 * GIB,
+    };
+    // Right after the claim, before the claimant took its bytes: not yet.
+    assert!(!may_return(&c, 20 * GIB, 50 * GIB, 10 * GIB));
+    // The claimant took its 5 GiB: still not.
+    c.taken = true;
+    assert!(!may_return(&c, 20 * GIB, 55 * GIB, 15 * GIB));
+    // It freed them: the victim fits where it was.
+    assert!(may_return(&c, 20 * GIB, 50 * GIB, 10 * GIB));
+    // Or the GPU emptied enough elsewhere, the claim still held.
+    assert!(may_return(&c, 20 * GIB, 45 * GIB, 15 * GIB));
 }

@@ -85,11 +85,10 @@ pub struct Entry {
     pub restarts_before: u64,
     /// Its memory is reclaimed (runtime state, not saved).
     pub evicted: bool,
-    /// Reclaimed for another slice's claim: given back by itself once its GPU's resident bytes
-    /// plus its own swapped bytes are at most this (the GPU's resident bytes when the claim was
-    /// made, a level known to fit). An operator's reclaim (`None`) waits for an operator's
-    /// restore.
-    pub restore_below: Option<u64>,
+    /// Reclaimed for another slice's claim (given back by itself, see
+    /// [`crate::memory::Claimed`]); `None` for an operator's reclaim, which waits for an
+    /// operator's restore.
+    pub claimed: Option<crate::memory::Claimed>,
     /// Declared in the configuration.
     from_config: bool,
     /// Saved in the state file (created or changed through the API).
@@ -105,7 +104,7 @@ impl Entry {
             backend: None,
             restarts_before: 0,
             evicted: false,
-            restore_below: None,
+            claimed: None,
             from_config,
             saved,
         }

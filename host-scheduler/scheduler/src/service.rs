@@ -36,6 +36,8 @@ pub struct Launcher {
     pub device: DeviceKind,
     /// The scheduler's state directory.
     pub state_dir: PathBuf,
+    /// Each GPU's memory (index, bytes): emulated backends share it as one budget.
+    pub gpu_memory: Vec<(u32, u64)>,
 }
 
 impl Launcher {
@@ -69,6 +71,10 @@ impl Launcher {
                     .join(format!("emulated-gpu-{}.lock", spec.gpu))
                     .into(),
             );
+            if let Some((_, bytes)) = self.gpu_memory.iter().find(|(i, _)| *i == spec.gpu) {
+                args.push("--emulated-gpu-memory".into());
+                args.push(bytes.to_string().into());
+            }
         }
         LaunchSpec {
             slice: spec.name.clone(),
@@ -314,11 +320,11 @@ impl Core {
         &self,
         name: &str,
         evicted: bool,
-        restore_below: Option<u64>,
+        claimed: Option<crate::memory::Claimed>,
     ) -> Result<(), ServiceError> {
         let mut reg = self.lock();
         let entry = reg.get_mut(name)?;
-        entry.restore_below = restore_below.filter(|_| evicted);
+        entry.claimed = claimed.filter(|_| evicted);
         if entry.evicted != evicted {
             entry.evicted = evicted;
             self.publish(&reg);
@@ -344,7 +350,7 @@ impl Core {
                     swapped: snap.mem_swapped,
                     reclaims: snap.reclaims,
                     evicted: e.evicted,
-                    restore_below: e.restore_below,
+                    claimed: e.claimed.clone(),
                     busy: snap.busy,
                     busy_pct: u.busy_pct,
                 })
@@ -473,6 +479,7 @@ mod tests {
             program: "/usr/bin/vgpu-backend".into(),
             device: DeviceKind::Cuda,
             state_dir: "/var/lib/vgpu".into(),
+            gpu_memory: vec![(1, 80 << 30)],
         };
         let s = l.launch_spec(&spec("lc", 1), 3, "/var/lib/vgpu/slices/lc.sock".into());
         assert_eq!(
@@ -489,12 +496,18 @@ mod tests {
             program: "vgpu-backend".into(),
             device: DeviceKind::Emulated,
             state_dir: "/s".into(),
+            gpu_memory: vec![(2, 8 << 30)],
         };
         let a = args(&l.launch_spec(&spec("be", 2), 0, "/s/slices/be.sock".into()));
         assert_eq!(a[2..4], ["--device", "emulated"]);
         assert_eq!(
-            a[a.len() - 2..],
-            ["--emulated-gpu-lock", "/s/emulated-gpu-2.lock"]
+            a[a.len() - 4..],
+            [
+                "--emulated-gpu-lock",
+                "/s/emulated-gpu-2.lock",
+                "--emulated-gpu-memory",
+                "8589934592"
+            ]
         );
     }
 }

@@ -188,7 +188,8 @@ fn scheduler_admits_attaches_restarts_and_persists_slices() {
             "--socket {s}/slices/default.sock --device emulated --slice default \
              --memory-limit {} --board {s}/board --board-slot 0 \
              --scheduler-socket {s}/api.sock --tenant default \
-             --emulated-gpu-lock {s}/emulated-gpu-0.lock",
+             --emulated-gpu-lock {s}/emulated-gpu-0.lock --emulated-gpu-memory {}",
+            80 * GIB,
             80 * GIB
         )
     );

@@ -13,9 +13,12 @@
 
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use tracing::warn;
 use vgpu_spec::Status;
+
+use crate::gpu::emulated_card::EmulatedCard;
 
 use super::{ChunkMemory, Extent, CHUNK};
 use crate::gpu::GpuResult;
@@ -42,6 +45,8 @@ pub struct HostChunks {
     saved_chunks: usize,
     /// Most chunks mapped at once; `None` for no limit.
     budget: Option<usize>,
+    /// The emulated GPU's memory, shared with the other processes on it.
+    card: Option<Arc<EmulatedCard>>,
 }
 
 // SAFETY: HostChunks exclusively owns its mapping (like a Box<[u8]>); nothing in it is tied
@@ -74,6 +79,24 @@ impl HostChunks {
             mapped_chunks: 0,
             saved_chunks: 0,
             budget: None,
+            card: None,
+        }
+    }
+
+    /// Takes mapped extents from `card`, the emulated GPU's memory shared with every process on
+    /// it: mapping fails with `OUT_OF_MEMORY` when the GPU is full.
+    pub fn with_card(mut self, card: Option<Arc<EmulatedCard>>) -> HostChunks {
+        self.card = card;
+        self
+    }
+
+    fn take_from_card(&self, bytes: u64) -> bool {
+        self.card.as_ref().is_none_or(|c| c.try_take(bytes))
+    }
+
+    fn give_to_card(&self, bytes: u64) {
+        if let Some(c) = &self.card {
+            c.give(bytes);
         }
     }
 
@@ -222,7 +245,7 @@ impl ChunkMemory for HostChunks {
         {
             return Err(Status::INVALID_VALUE);
         }
-        if !self.within_budget(chunks(len)) {
+        if !self.within_budget(chunks(len)) || !self.take_from_card(len) {
             return Err(Status::OUT_OF_MEMORY);
         }
         self.mapped.insert(va, len);
@@ -238,6 +261,7 @@ impl ChunkMemory for HostChunks {
         self.mapped.remove(&va);
         self.mapped_chunks -= chunks(len);
         Self::drop_pages(ptr, len);
+        self.give_to_card(len);
         Ok(())
     }
 
@@ -261,6 +285,7 @@ impl ChunkMemory for HostChunks {
             self.mapped.remove(&va);
             self.mapped_chunks -= chunks(len);
             Self::drop_pages(ptr, len);
+            self.give_to_card(len);
             self.saved.insert(va, copy);
             self.saved_chunks += chunks(len);
         }
@@ -276,7 +301,8 @@ impl ChunkMemory for HostChunks {
             ptrs.push(self.extent_ptr(va, len)?);
         }
         let more = extents.iter().map(|&(_, len)| chunks(len)).sum();
-        if !self.within_budget(more) {
+        let bytes: u64 = extents.iter().map(|&(_, len)| len).sum();
+        if !self.within_budget(more) || !self.take_from_card(bytes) {
             return Err(Status::OUT_OF_MEMORY);
         }
         for (&(va, len), ptr) in extents.iter().zip(ptrs) {
@@ -311,6 +337,8 @@ fn unmap(m: &Mapping) {
 
 impl Drop for HostChunks {
     fn drop(&mut self) {
+        let mapped: u64 = self.mapped.values().sum();
+        self.give_to_card(mapped);
         if let Some(m) = self.mapping.take() {
             unmap(&m);
         }

@@ -96,7 +96,7 @@ const ATTRIBUTES: &[(usize, i32)] = &[
     (97, 232448), // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
     (106, 32),    // MAX_BLOCKS_PER_MULTIPROCESSOR
     (111, 1024),  // RESERVED_SHARED_MEMORY_PER_BLOCK
-    (115, 0),     // MEMORY_POOLS_SUPPORTED
+    (115, 1),     // MEMORY_POOLS_SUPPORTED (the guest library keeps the pools)
     (126, 4),     // MEM_SYNC_DOMAIN_COUNT
 ];
 const PCI_DOMAIN: u32 = 0;
@@ -120,6 +120,8 @@ struct Shared {
     heap_capacity: AtomicU64,
     /// Heap address windows of destroyed contexts.
     windows: Mutex<mem::Windows>,
+    /// The emulated GPU's physical memory, shared with other backends on it (optional).
+    card: std::sync::OnceLock<Arc<super::emulated_card::EmulatedCard>>,
 }
 
 impl Shared {
@@ -209,6 +211,7 @@ impl EmulatedGpu {
                 clock,
                 heap_capacity: AtomicU64::new(total_mem),
                 windows: Mutex::new(mem::Windows::default()),
+                card: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -228,6 +231,13 @@ impl EmulatedGpu {
     /// the device's total memory). Applies to contexts whose first allocation comes after.
     pub fn with_heap_capacity(self, bytes: u64) -> EmulatedGpu {
         self.shared.heap_capacity.store(bytes, Ordering::Release);
+        self
+    }
+
+    /// Takes elastic memory from `card`, the emulated GPU's memory shared with every backend
+    /// process on it (so the GPU can be full, as a real one is, for everyone at once).
+    pub fn with_card(self, card: Arc<super::emulated_card::EmulatedCard>) -> EmulatedGpu {
+        let _ = self.shared.card.set(card);
         self
     }
 

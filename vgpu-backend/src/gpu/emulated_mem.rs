@@ -121,7 +121,8 @@ impl ContextMemory {
         if self.heap.is_none() {
             let len = elastic::reservation_for_limit(self.shared.heap_capacity());
             let base = self.shared.take_window(len)?;
-            match ElasticHeap::new(HostChunks::new(base, len), len) {
+            let chunks = HostChunks::new(base, len).with_card(self.shared.card.get().cloned());
+            match ElasticHeap::new(chunks, len) {
                 Ok(heap) => {
                     self.heap = Some(heap);
                     self.window = Some((base, len));

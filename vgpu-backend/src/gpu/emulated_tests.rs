@@ -57,7 +57,7 @@ fn identity_describes_a_hopper_class_device_that_runs_no_kernels() {
         (a[8], a[10], a[16], a[41], a[75], a[76]),
         (49152, 32, 132, 1, 9, 0)
     );
-    assert_eq!((a[115], a[97], a[39], a[40]), (0, 232448, 2048, 2));
+    assert_eq!((a[115], a[97], a[39], a[40]), (1, 232448, 2048, 2));
     assert_eq!(
         (a[33], a[34], a[50]),
         (i32::from(id.pci.1), i32::from(id.pci.2), 0)

@@ -12,6 +12,7 @@ pub mod cuda;
 mod cuda_func;
 mod cuda_identity;
 pub mod emulated;
+pub mod emulated_card;
 mod inflight;
 pub mod ptx;
 pub mod timed;
