@@ -169,6 +169,7 @@ fn forget(drv: &Driver, ctx: u64) {
     drv.events.forget_context(ctx);
     crate::ptds::forget_context(ctx);
     crate::library::forget_context(ctx);
+    crate::mempool::forget_context(ctx);
     unstack(ctx);
 }
 

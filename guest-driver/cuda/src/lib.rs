@@ -40,6 +40,8 @@ mod launch_ex;
 mod library;
 mod logging;
 mod memory;
+mod mempool;
+mod mempool_table;
 mod module;
 mod pointer_attr;
 mod priority;

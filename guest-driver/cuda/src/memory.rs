@@ -14,7 +14,7 @@ use crate::state::{driver, parse};
 use crate::stream::backend_stream;
 use crate::types::{CUdeviceptr, CUdeviceptrV1, CUresult, CUstream};
 
-fn alloc(size: usize) -> CuResult<u64> {
+pub(crate) fn alloc(size: usize) -> CuResult<u64> {
     let (drv, ctx) = session_ctx()?;
     if size == 0 {
         return Err(Status::INVALID_VALUE);
@@ -31,7 +31,7 @@ fn alloc(size: usize) -> CuResult<u64> {
 /// Frees device memory. NULL is accepted and does nothing, as natively:
 /// the runtime's `cudaFree(0)` (cuBLAS's way to make sure a context
 /// exists) reaches the driver as `cuMemFree(0)` and must succeed.
-fn free(dptr: u64) -> CuResult<()> {
+pub(crate) fn free(dptr: u64) -> CuResult<()> {
     let (drv, ctx) = session_ctx()?;
     if dptr == 0 {
         return Ok(());
@@ -39,7 +39,10 @@ fn free(dptr: u64) -> CuResult<()> {
     let req = HandleReq {
         handle: dptr.into(),
     };
-    drv.call_release(ctx, &Request::MemFree(req), &mut Vec::new())
+    let result = drv.call_release(ctx, &Request::MemFree(req), &mut Vec::new());
+    // Whatever the answer, the address no longer names a pool allocation.
+    crate::mempool::freed(dptr);
+    result
 }
 
 fn mem_info() -> CuResult<(u64, u64)> {
@@ -81,7 +84,8 @@ pub unsafe extern "C" fn cuMemAlloc(dptr: *mut CUdeviceptrV1, bytesize: c_uint) 
 }
 
 /// `cuMemAllocAsync`: allocated at once (the allocation is valid before
-/// anything queued later on the stream runs).
+/// anything queued later on the stream runs), and accounted to the
+/// device's current memory pool.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocAsync(
     dptr: *mut CUdeviceptr,
@@ -92,6 +96,7 @@ pub unsafe extern "C" fn cuMemAllocAsync(
         non_null(dptr)?;
         backend_stream(driver()?, stream)?;
         let addr = alloc(bytesize)?;
+        crate::mempool::allocated_from_current(addr, bytesize);
         // SAFETY: non-null, and per the API a writable `CUdeviceptr`.
         unsafe { write_out(dptr, addr) }
     })

@@ -17,7 +17,8 @@ use crate::unsupported;
 #[allow(clippy::wildcard_imports)]
 use crate::{
     capture_api::*, copy::*, copy_generic::*, ctx::*, device::*, errors::*, event::*, graph::*,
-    launch::*, launch_ex::*, memory::*, module::*, pointer_attr::*, priority::*, stream::*,
+    launch::*, launch_ex::*, memory::*, mempool::*, module::*, pointer_attr::*, priority::*,
+    stream::*,
 };
 
 macro_rules! exports {
@@ -85,6 +86,20 @@ exports!(
     cuMemFree,
     cuMemFree_v2,
     cuMemFreeAsync,
+    cuDeviceGetDefaultMemPool,
+    cuDeviceGetMemPool,
+    cuDeviceSetMemPool,
+    cuMemGetDefaultMemPool,
+    cuMemGetMemPool,
+    cuMemSetMemPool,
+    cuMemPoolCreate,
+    cuMemPoolDestroy,
+    cuMemPoolSetAttribute,
+    cuMemPoolGetAttribute,
+    cuMemPoolTrimTo,
+    cuMemPoolSetAccess,
+    cuMemPoolGetAccess,
+    cuMemAllocFromPoolAsync,
     cuMemGetInfo,
     cuMemGetInfo_v2,
     cuMemAllocHost,
@@ -354,6 +369,7 @@ mod tests {
             include_str!("event.rs"),
             include_str!("launch.rs"),
             include_str!("memory.rs"),
+            include_str!("mempool.rs"),
             include_str!("module.rs"),
             include_str!("procaddr.rs"),
             include_str!("stream.rs"),

@@ -21,7 +21,9 @@ use vgpu_spec::Request;
 
 use crate::errors::CuResult;
 use crate::state::{lock, parse, Driver};
-use crate::types::{CUdeviceptr, CUevent, CUfunction, CUresult, CUstream, CU_STREAM_PER_THREAD};
+use crate::types::{
+    CUdeviceptr, CUevent, CUfunction, CUmemoryPool, CUresult, CUstream, CU_STREAM_PER_THREAD,
+};
 
 /// Backend handles of the per-thread streams, by (thread, context).
 static STREAMS: LazyLock<Mutex<HashMap<(ThreadId, u64), u64>>> = LazyLock::new(Mutex::default);
@@ -154,6 +156,18 @@ pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
 pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CUdeviceptr, stream: CUstream) -> CUresult {
     // SAFETY: forwards the caller's arguments under the same contract.
     unsafe { crate::memory::cuMemFreeAsync(dptr, pt(stream)) }
+}
+
+/// `cuMemAllocFromPoolAsync_ptsz`.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    pool: CUmemoryPool,
+    stream: CUstream,
+) -> CUresult {
+    // SAFETY: forwards the caller's arguments under the same contract.
+    unsafe { crate::mempool::cuMemAllocFromPoolAsync(dptr, bytesize, pool, pt(stream)) }
 }
 
 /// `cuMemcpyHtoD_v2_ptds`.

@@ -44,6 +44,7 @@ runtime_exports!(
     cuStreamWaitEvent_ptsz,
     cuMemAllocAsync_ptsz,
     cuMemFreeAsync_ptsz,
+    cuMemAllocFromPoolAsync_ptsz,
     cuMemcpyHtoD_v2_ptds,
     cuMemcpyDtoH_v2_ptds,
     cuMemcpyDtoD_v2_ptds,

@@ -22,6 +22,8 @@ pub type CUfunction = *mut c_void;
 pub type CUstream = *mut c_void;
 /// `CUevent`: a guest-side event id.
 pub type CUevent = *mut c_void;
+/// `CUmemoryPool`: a guest-side pool id ([`crate::mempool`]).
+pub type CUmemoryPool = *mut c_void;
 
 /// `CUuuid`.
 #[repr(C)]
