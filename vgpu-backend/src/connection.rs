@@ -158,16 +158,21 @@ impl Connection {
 
     /// Swaps every session's device memory out; bytes moved.
     pub fn swap_out_all(&mut self) -> Result<u64, Status> {
-        self.sessions.values_mut().try_fold(0u64, |acc, s| {
-            s.swap_out_all().map(|n| acc.saturating_add(n))
-        })
+        self.each_session(Session::swap_out_all)
     }
 
     /// Swaps every session's device memory back in; bytes moved.
     pub fn swap_in_all(&mut self) -> Result<u64, Status> {
-        self.sessions.values_mut().try_fold(0u64, |acc, s| {
-            s.swap_in_all().map(|n| acc.saturating_add(n))
-        })
+        self.each_session(Session::swap_in_all)
+    }
+
+    fn each_session(
+        &mut self,
+        step: impl Fn(&mut Session) -> Result<u64, Status>,
+    ) -> Result<u64, Status> {
+        self.sessions
+            .values_mut()
+            .try_fold(0u64, |acc, s| step(s).map(|n| acc.saturating_add(n)))
     }
 
     /// Every session's device memory.

@@ -39,6 +39,7 @@ pub mod reporting;
 pub mod server;
 pub mod session;
 pub mod shared;
+mod shm;
 pub mod signals;
 pub mod slice;
 #[cfg(test)]

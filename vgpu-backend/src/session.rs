@@ -255,23 +255,24 @@ impl Session {
     /// Swaps every context's memory out (each drains its work first); bytes moved. Contexts
     /// whose executor has no elastic memory count nothing.
     pub fn swap_out_all(&mut self) -> Result<u64, vgpu_spec::Status> {
-        let mut moved = 0u64;
-        for ctx in self.contexts.values_mut() {
-            match ctx.swap_out() {
-                Ok(n) => moved = moved.saturating_add(n),
-                Err(vgpu_spec::Status::NOT_SUPPORTED) => {}
-                Err(status) => return Err(status),
-            }
-        }
-        Ok(moved)
+        self.each_context(|ctx| ctx.swap_out())
     }
 
     /// Swaps every context's memory back in; bytes moved. Stops at the first context that
     /// cannot get its memory back (it, and those after it, stay swapped out).
     pub fn swap_in_all(&mut self) -> Result<u64, vgpu_spec::Status> {
+        self.each_context(|ctx| ctx.swap_in())
+    }
+
+    /// Sums `step` over the contexts, stopping at the first failure; `NOT_SUPPORTED` (no
+    /// elastic memory) counts nothing.
+    fn each_context(
+        &mut self,
+        mut step: impl FnMut(&mut dyn GpuContext) -> Result<u64, vgpu_spec::Status>,
+    ) -> Result<u64, vgpu_spec::Status> {
         let mut moved = 0u64;
         for ctx in self.contexts.values_mut() {
-            match ctx.swap_in() {
+            match step(ctx.as_mut()) {
                 Ok(n) => moved = moved.saturating_add(n),
                 Err(vgpu_spec::Status::NOT_SUPPORTED) => {}
                 Err(status) => return Err(status),

@@ -9,8 +9,9 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::shm::{Atomics, SharedMap};
 
 /// Worker processes whose bytes one slice counts (a row each).
 pub const MAX_WORKERS: usize = vgpu_board::MAX_WORKERS;
@@ -55,25 +56,12 @@ impl Counters {
 enum Region {
     /// In this process only (every connection served by threads of one process).
     Heap(Box<Counters>),
-    /// In a shared mapping of `len` bytes.
-    Mapped { ptr: NonNull<Counters>, len: usize },
+    /// In a shared mapping.
+    Mapped(SharedMap<Counters>),
 }
 
-// SAFETY: the mapped counters are only accessed through atomics, and the mapping lives until
-// the region is dropped.
-unsafe impl Send for Region {}
-// SAFETY: as above: shared access is atomic only.
-unsafe impl Sync for Region {}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        if let Region::Mapped { ptr, len } = self {
-            // SAFETY: `ptr`/`len` are exactly what mmap returned, and no reference into the
-            // mapping outlives the region.
-            unsafe { libc::munmap(ptr.as_ptr().cast(), *len) };
-        }
-    }
-}
+// SAFETY: `Counters` is a `#[repr(C)]` struct of atomics only.
+unsafe impl Atomics for Counters {}
 
 /// Memory limit and bytes allocated by all sessions of the slice.
 pub struct SliceMemory {
@@ -156,26 +144,8 @@ impl SliceMemory {
     }
 
     fn map(fd: &impl AsRawFd, worker: usize) -> io::Result<SliceMemory> {
-        let len = mapping_len();
-        // SAFETY: a fresh shared mapping of a file at least `len` bytes long; the result is
-        // checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast::<Counters>())
-            .ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(SliceMemory {
-            region: Region::Mapped { ptr, len },
+            region: Region::Mapped(SharedMap::map(fd)?),
             worker,
         })
     }
@@ -183,9 +153,7 @@ impl SliceMemory {
     fn counters(&self) -> &Counters {
         match &self.region {
             Region::Heap(c) => c,
-            // SAFETY: a live, page-aligned mapping at least `size_of::<Counters>()` long;
-            // `Counters` is atomics only (every bit pattern valid) and all access is atomic.
-            Region::Mapped { ptr, .. } => unsafe { ptr.as_ref() },
+            Region::Mapped(m) => m.get(),
         }
     }
 
@@ -323,7 +291,7 @@ impl SliceMemory {
 
 /// The shared mapping's length: the counters rounded up to a page.
 fn mapping_len() -> usize {
-    std::mem::size_of::<Counters>().next_multiple_of(4096)
+    SharedMap::<Counters>::LEN
 }
 
 #[cfg(test)]

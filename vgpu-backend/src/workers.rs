@@ -422,7 +422,7 @@ impl WorkerPool {
         }
         let deadline = Instant::now() + STOP_GRACE;
         while !self.workers.is_empty() && Instant::now() < deadline {
-            self.reap_quietly();
+            self.reap();
             std::thread::sleep(Duration::from_millis(5));
         }
         for (index, worker) in &mut self.workers {
@@ -435,18 +435,6 @@ impl WorkerPool {
             self.forget(index);
         }
         tracing::debug!(socket = %self.socket.display(), "Workers stopped");
-    }
-
-    fn reap_quietly(&mut self) {
-        let done: Vec<usize> = self
-            .workers
-            .iter_mut()
-            .filter_map(|(&i, w)| matches!(w.child.try_wait(), Ok(Some(_))).then_some(i))
-            .collect();
-        for index in done {
-            self.workers.remove(&index);
-            self.forget(index);
-        }
     }
 }
 

@@ -114,6 +114,18 @@ unsafe fn device_location(location: *const CUmemLocation) -> CuResult<CUdevice> 
     Ok(location.id)
 }
 
+/// The device of a CUDA 13 pool query (`cuMemGet/SetDefaultMemPool`-style): a device
+/// location holding ordinary device memory.
+///
+/// # Safety
+/// As [`device_location`].
+unsafe fn pool_device(location: *const CUmemLocation, kind: c_int) -> CuResult<CUdevice> {
+    // SAFETY: the caller's contract.
+    let dev = unsafe { device_location(location) }?;
+    check_allocation_type(kind)?;
+    Ok(dev)
+}
+
 /// Accepts ordinary device memory only.
 fn check_allocation_type(kind: c_int) -> CuResult<()> {
     match kind {
@@ -185,8 +197,7 @@ pub unsafe extern "C" fn cuMemGetDefaultMemPool(
         driver()?;
         non_null(pool_out)?;
         // SAFETY: per the API a readable `CUmemLocation`.
-        let dev = unsafe { device_location(location) }?;
-        check_allocation_type(kind)?;
+        let dev = unsafe { pool_device(location, kind) }?;
         let id = pools().default_pool(dev);
         // SAFETY: per the API a writable `CUmemoryPool`.
         unsafe { write_pool(pool_out, id) }
@@ -204,8 +215,7 @@ pub unsafe extern "C" fn cuMemGetMemPool(
         driver()?;
         non_null(pool_out)?;
         // SAFETY: per the API a readable `CUmemLocation`.
-        let dev = unsafe { device_location(location) }?;
-        check_allocation_type(kind)?;
+        let dev = unsafe { pool_device(location, kind) }?;
         let id = pools().current_pool(dev);
         // SAFETY: per the API a writable `CUmemoryPool`.
         unsafe { write_pool(pool_out, id) }
@@ -222,8 +232,7 @@ pub unsafe extern "C" fn cuMemSetMemPool(
     guard(|| {
         driver()?;
         // SAFETY: per the API a readable `CUmemLocation`.
-        let dev = unsafe { device_location(location) }?;
-        check_allocation_type(kind)?;
+        let dev = unsafe { pool_device(location, kind) }?;
         pools().set_current(dev, id_of(pool))
     })
 }

@@ -181,28 +181,30 @@ impl Core {
         names: &[String],
         claimed: Option<Claimed>,
     ) -> Result<Outcome, MemoryError> {
-        let start = Instant::now();
-        let before: u64 = self.memory_of(names)?.iter().map(|m| m.resident).sum();
-        for name in names {
-            self.set_evicted(name, true, claimed.clone())?;
-        }
-        self.wait_for(names, |m| m.resident == 0 && m.evicted)
-            .await?;
-        Ok(Outcome {
-            slices: names.to_vec(),
-            bytes: before,
-            ms: start.elapsed().as_secs_f64() * 1e3,
-        })
+        self.set_and_wait(names, true, claimed).await
     }
 
     /// Gives the named slices their memory back and waits until their backends confirm.
     pub async fn restore(&self, names: &[String]) -> Result<Outcome, MemoryError> {
+        self.set_and_wait(names, false, None).await
+    }
+
+    /// Sets (or clears) `evict` for the named slices and waits until their backends confirm:
+    /// nothing resident once evicted, nothing swapped once restored. The outcome's bytes are
+    /// what was to move (resident, or swapped) when asked.
+    async fn set_and_wait(
+        &self,
+        names: &[String],
+        evict: bool,
+        claimed: Option<Claimed>,
+    ) -> Result<Outcome, MemoryError> {
         let start = Instant::now();
-        let before: u64 = self.memory_of(names)?.iter().map(|m| m.swapped).sum();
+        let moving = |m: &SliceMemory| if evict { m.resident } else { m.swapped };
+        let before: u64 = self.memory_of(names)?.iter().map(moving).sum();
         for name in names {
-            self.set_evicted(name, false, None)?;
+            self.set_evicted(name, evict, claimed.clone())?;
         }
-        self.wait_for(names, |m| m.swapped == 0 && !m.evicted)
+        self.wait_for(names, |m| moving(m) == 0 && m.evicted == evict)
             .await?;
         Ok(Outcome {
             slices: names.to_vec(),

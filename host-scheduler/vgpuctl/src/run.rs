@@ -127,7 +127,7 @@ pub fn run(cli: Cli, env_scheduler: Option<&str>, out: &mut dyn Write) -> Result
                 print_raw(out, &client.send(&request)?.body)?;
             } else {
                 let rows: Vec<serde_json::Value> = client.send_json(&request)?;
-                out.write_all(memory_table(&rows).as_bytes())?;
+                out.write_all(crate::table::memory_table(&rows).as_bytes())?;
             }
         }
         Command::Usage { export, args } => {
@@ -135,33 +135,6 @@ pub fn run(cli: Cli, env_scheduler: Option<&str>, out: &mut dyn Write) -> Result
         }
     }
     Ok(())
-}
-
-/// The `vgpuctl memory` table (sizes in MiB).
-fn memory_table(rows: &[serde_json::Value]) -> String {
-    let mib = |v: &serde_json::Value| v.as_u64().unwrap_or(0) >> 20;
-    let mut t = format!(
-        "{:<16} {:>3} {:>10} {:>10} {:>10} {:>10} {:>8}  {}\n",
-        "SLICE", "GPU", "GUAR MiB", "LIMIT MiB", "RESIDENT", "SWAPPED", "RECLAIMS", "STATE"
-    );
-    for r in rows {
-        t.push_str(&format!(
-            "{:<16} {:>3} {:>10} {:>10} {:>10} {:>10} {:>8}  {}\n",
-            r["name"].as_str().unwrap_or("?"),
-            r["gpu"].as_u64().unwrap_or(0),
-            mib(&r["guarantee"]),
-            mib(&r["limit"]),
-            mib(&r["resident"]),
-            mib(&r["swapped"]),
-            r["reclaims"].as_u64().unwrap_or(0),
-            if r["evicted"].as_bool().unwrap_or(false) {
-                "reclaimed"
-            } else {
-                "resident"
-            }
-        ));
-    }
-    t
 }
 
 /// `Some(path)` for an absolute socket path, `None` for a slice name.

@@ -1,4 +1,4 @@
-//! Tables for `vgpuctl list` and `vgpuctl util`: aligned columns, two spaces apart.
+//! Tables for `vgpuctl list`, `util` and `memory`: aligned columns, two spaces apart.
 
 use crate::api::{Slice, Util};
 use crate::size::format_size;
@@ -145,6 +145,44 @@ pub fn util_table(utils: &[Util]) -> String {
         })
         .collect();
     render(&headers, &rows)
+}
+
+/// The `vgpuctl memory` table from `/v1/memory` (sizes in MiB).
+pub fn memory_table(rows: &[serde_json::Value]) -> String {
+    let mib = |v: &serde_json::Value| (v.as_u64().unwrap_or(0) >> 20).to_string();
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r["name"].as_str().unwrap_or("?").to_owned(),
+                r["gpu"].as_u64().unwrap_or(0).to_string(),
+                mib(&r["guarantee"]),
+                mib(&r["limit"]),
+                mib(&r["resident"]),
+                mib(&r["swapped"]),
+                r["reclaims"].as_u64().unwrap_or(0).to_string(),
+                if r["evicted"].as_bool().unwrap_or(false) {
+                    "reclaimed"
+                } else {
+                    "resident"
+                }
+                .to_owned(),
+            ]
+        })
+        .collect();
+    render(
+        &[
+            "SLICE",
+            "GPU",
+            "GUAR MiB",
+            "LIMIT MiB",
+            "RESIDENT",
+            "SWAPPED",
+            "RECLAIMS",
+            "STATE",
+        ],
+        &body,
+    )
 }
 
 #[cfg(test)]

@@ -9,10 +9,10 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::shm::{Atomics, SharedMap};
 
 /// Processes one emulated GPU can count.
 const ROWS: usize = 256;
@@ -31,25 +31,21 @@ struct Layout {
 const LEN: usize = std::mem::size_of::<Layout>();
 const _: () = assert!(LEN == 4096);
 
+// SAFETY: `Layout` is a `#[repr(C)]` array of rows of atomics only.
+unsafe impl Atomics for Layout {}
+
 /// This process's share of an emulated GPU's memory.
 pub struct EmulatedCard {
-    map: NonNull<Layout>,
+    map: SharedMap<Layout>,
     total: u64,
     row: usize,
 }
-
-// SAFETY: the mapping is only accessed through atomics and lives as long as the value.
-unsafe impl Send for EmulatedCard {}
-// SAFETY: as above.
-unsafe impl Sync for EmulatedCard {}
 
 impl Drop for EmulatedCard {
     fn drop(&mut self) {
         let row = &self.layout().rows[self.row];
         row.bytes.store(0, Ordering::Release);
         row.pid.store(0, Ordering::Release);
-        // SAFETY: exactly the mapping `open` made; nothing refers into it any more.
-        unsafe { libc::munmap(self.map.as_ptr().cast(), LEN) };
     }
 }
 
@@ -75,22 +71,7 @@ impl EmulatedCard {
         if file.metadata()?.len() < LEN as u64 {
             file.set_len(LEN as u64)?;
         }
-        // SAFETY: a fresh shared mapping of a file at least LEN bytes long; checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let map = NonNull::new(ptr.cast::<Layout>())
-            .ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let map = SharedMap::map(&file)?;
         let me = u64::from(std::process::id());
         let mut card = EmulatedCard {
             map,
@@ -120,8 +101,7 @@ impl EmulatedCard {
     }
 
     fn layout(&self) -> &Layout {
-        // SAFETY: a live shared mapping of LEN bytes; atomics only, any bit pattern is valid.
-        unsafe { self.map.as_ref() }
+        self.map.get()
     }
 
     /// Bytes taken by live processes.
