@@ -16,6 +16,8 @@
  *   verify            reads every byte back and compares      -> "VERIFIED <bytes>"
  *   sample            the same for the first and last MiB of each buffer -> "SAMPLED <bytes>"
  *   meminfo           -> "MEMINFO <free> <total>"
+ *   tryalloc MIB      one buffer of MIB MiB, which may be refused (an OUT_OF_MEMORY is an
+ *                     answer, not a failure); kept and filled if allocated -> "TRIED <CUresult>"
  *   free              frees every buffer                       -> "FREED"
  *   stop (or end of input) ends: RESULT line.
  * Any failing call or mismatch is a FAIL line.
@@ -152,6 +154,22 @@ static void cmd_alloc(unsigned long long mib, int count, int word) {
     printf("ALLOCATED %zu %.3f\n", total, alloc_ms);
 }
 
+static void cmd_tryalloc(unsigned long long mib) {
+    CUdeviceptr p = 0;
+    size_t len = (size_t)(mib * MIB);
+    CUresult rc = g_n < MAX_BUFS ? cuMemAlloc(&p, len) : CUDA_ERROR_OUT_OF_MEMORY;
+    if (rc == CUDA_SUCCESS) {
+        g_ptr[g_n] = p;
+        g_len[g_n] = len;
+        g_word[g_n] = 0;
+        if (fill(g_n, g_round)) {
+            rc = cuCtxSynchronize();
+        }
+        g_n++;
+    }
+    printf("TRIED %d\n", (int)rc);
+}
+
 static void cmd_fill(unsigned r) {
     g_round = r;
     for (int b = 0; b < g_n; b++) {
@@ -212,6 +230,8 @@ int main(void) {
             cmd_alloc(mib, count, 1);
         } else if (sscanf(line, "alloc %llu %d", &mib, &count) == 2) {
             cmd_alloc(mib, count, 0);
+        } else if (sscanf(line, "tryalloc %llu", &mib) == 1) {
+            cmd_tryalloc(mib);
         } else if (sscanf(line, "fill %u", &r) == 1) {
             cmd_fill(r);
         } else if (strncmp(line, "verify", 6) == 0) {

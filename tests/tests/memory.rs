@@ -58,6 +58,36 @@ fn memory(sched: &SchedulerProcess, name: &str) -> Value {
         .unwrap_or_else(|| panic!("No slice {name} in {body}"))
 }
 
+/// `tenant`'s billed memory, (resident, swapped) byte-ns, summed from `GET /v1/usage`.
+fn billed_memory(sched: &SchedulerProcess, tenant: &str) -> (u128, u128) {
+    let (status, body) = sched
+        .request(
+            "GET",
+            &format!("/v1/usage?tenant={tenant}&format=csv"),
+            None,
+        )
+        .unwrap_or_else(|| panic!("The scheduler's API does not answer\n{}", sched.log()));
+    assert_eq!(status, 200, "{body}");
+    let mut lines = body.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("No column {name} in {header:?}"))
+    };
+    let (resident, swapped) = (col("mem_resident_byte_ns"), col("mem_swapped_byte_ns"));
+    lines
+        .filter(|l| !l.is_empty())
+        .fold((0, 0), |(r, s), line| {
+            let f: Vec<&str> = line.split(',').collect();
+            (
+                r + f[resident].parse::<u128>().unwrap(),
+                s + f[swapped].parse::<u128>().unwrap(),
+            )
+        })
+}
+
 fn post(sched: &SchedulerProcess, path: &str) -> Value {
     let (status, body) = sched
         .request("POST", path, None)
@@ -127,8 +157,28 @@ fn a_guest_that_disconnects_while_swapped_out_frees_everything() {
     poll_until(WAIT, "the memory to be published", || {
         (memory(&sched, "be")["resident"].as_u64()? >= 32 * MIB).then_some(())
     });
+    let reclaim_started = std::time::Instant::now();
     post(&sched, "/v1/slices/be/reclaim");
     assert!(memory(&sched, "be")["swapped"].as_u64().unwrap() >= 32 * MIB);
+    // While swapped out the session is billed swapped GiB·s, not resident ones: from one
+    // report to the next, the swapped integral grows and the resident one does not.
+    let (resident_1, swapped_1) = poll_until(WAIT, "the ledger to bill swapped memory", || {
+        let (resident, swapped) = billed_memory(&sched, "t-be");
+        (swapped > 0).then_some((resident, swapped))
+    });
+    let (resident_2, swapped_2) = poll_until(WAIT, "the next report", || {
+        let (resident, swapped) = billed_memory(&sched, "t-be");
+        (swapped > swapped_1).then_some((resident, swapped))
+    });
+    let bound = u128::from(34 * MIB) * reclaim_started.elapsed().as_nanos();
+    assert!(
+        swapped_2 <= bound,
+        "{swapped_2} byte-ns swapped is more than was held: {bound}"
+    );
+    assert_eq!(
+        resident_2, resident_1,
+        "a swapped-out session is still billed resident memory"
+    );
     a.kill();
     poll_until(WAIT, "the dead guest's swapped memory to be freed", || {
         let m = memory(&sched, "be");
@@ -203,6 +253,81 @@ fn a_full_gpu_reclaims_a_best_effort_slice_for_a_claim_within_a_guarantee_and_gi
         "{m}"
     );
     for mut c in [burst, guaranteed] {
+        c.send_line("stop");
+        c.wait(WAIT).assert_passed();
+    }
+}
+
+fn patch_limit(sched: &SchedulerProcess, name: &str, limit: &str) {
+    let body = format!("{{\"memory_limit\":\"{limit}\"}}");
+    let (status, answer) = sched
+        .request("PATCH", &format!("/v1/slices/{name}"), Some(&body))
+        .unwrap_or_else(|| panic!("The scheduler's API does not answer\n{}", sched.log()));
+    assert_eq!(
+        status,
+        200,
+        "PATCH {name} {body}: {answer}\n{}",
+        sched.log()
+    );
+}
+
+/// The guest's (free, total) from `cuMemGetInfo`.
+fn meminfo(client: &mut Client) -> (u64, u64) {
+    client.send_line("meminfo");
+    let line = client.wait_for_line("MEMINFO", WAIT);
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    (nums[0], nums[1])
+}
+
+#[test]
+fn resizing_an_attached_slice_changes_its_limit_live_and_keeps_every_byte() {
+    let sched = SchedulerProcess::spawn(&config());
+    let be = sched.wait_for_slice("be");
+    let mut a = tenant(&be);
+    let mut b = tenant(&be);
+    assert!(ask(&mut a, "alloc 64 3", "ALLOCATED") >= 192 * MIB);
+    assert!(ask(&mut b, "alloc 8 2", "ALLOCATED") >= 16 * MIB);
+    // 208 MiB and more of 256 MiB are taken: 96 MiB more is refused.
+    assert_eq!(ask(&mut a, "tryalloc 96", "TRIED "), 2, "OUT_OF_MEMORY");
+
+    // Grown while attached: both guests see the new limit, and the allocation fits.
+    patch_limit(&sched, "be", "512MiB");
+    for c in [&mut a, &mut b] {
+        poll_until(WAIT, "the guest to see the new limit", || {
+            (meminfo(c).1 == 512 * MIB).then_some(())
+        });
+    }
+    assert_eq!(ask(&mut a, "tryalloc 96", "TRIED "), 0);
+    assert_eq!(memory(&sched, "be")["limit"], 512 * MIB);
+
+    // Reclaimed and restored at the new size: every byte survives.
+    post(&sched, "/v1/slices/be/reclaim");
+    assert!(memory(&sched, "be")["swapped"].as_u64().unwrap() >= 300 * MIB);
+    post(&sched, "/v1/slices/be/restore");
+    for c in [&mut a, &mut b] {
+        assert!(ask(c, "verify", "VERIFIED ") > 0);
+    }
+
+    // Shrunk below what the slice holds: nothing is lost, new allocations are refused until
+    // the slice fits again.
+    patch_limit(&sched, "be", "128MiB");
+    poll_until(WAIT, "the guest to see the smaller limit", || {
+        (meminfo(&mut a) == (0, 128 * MIB)).then_some(())
+    });
+    assert_eq!(ask(&mut b, "tryalloc 1", "TRIED "), 2, "OUT_OF_MEMORY");
+    for c in [&mut a, &mut b] {
+        assert!(ask(c, "verify", "VERIFIED ") > 0);
+    }
+    a.send_line("free");
+    a.wait_for_line("FREED", WAIT);
+    assert_eq!(ask(&mut b, "tryalloc 64", "TRIED "), 0);
+    assert!(ask(&mut b, "verify", "VERIFIED ") > 0);
+    for c in [a, b] {
+        let mut c = c;
         c.send_line("stop");
         c.wait(WAIT).assert_passed();
     }

@@ -190,8 +190,9 @@ pub struct BackendConfig {
     /// How long a queue is busy-polled after a batch before its worker
     /// sleeps: latency for back-to-back calls against CPU time.
     pub poll_after_work: std::time::Duration,
-    /// Total memory of the emulated device; `None` means the memory limit if
-    /// one is given, else [`DEFAULT_EMULATED_MEMORY`]. Ignored for CUDA.
+    /// Total memory of the emulated device; `None` means the emulated GPU's
+    /// memory if one is given, else the memory limit if one is given, else
+    /// [`DEFAULT_EMULATED_MEMORY`]. Ignored for CUDA.
     pub emulated_memory: Option<u64>,
     /// The grant board and this backend's slot in it; `None`: dispatch is
     /// never held back.

@@ -9,7 +9,11 @@
 //!
 //! The thread also publishes the slice's resident and swapped bytes: on the board when this
 //! process serves every connection, in the slice's shared counters when it is one worker of
-//! several (the main process sums them onto the board).
+//! several (the main process sums them onto the board). And it follows the memory limit the
+//! scheduler sets on the board when an attached slice is resized (`vgpuctl resize --memory`):
+//! allocations are checked against the new limit from then on. Every context's heap reserves
+//! address space for the whole device, so a larger limit needs no new reservation; a smaller one
+//! than the slice holds leaves what it holds in place and refuses allocations until it fits.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -213,12 +217,43 @@ impl Drop for MemoryWatcher {
     }
 }
 
-/// Starts the memory thread: follows the board's `evict` (when there is a board) and publishes
-/// the slice's memory.
+/// The slice's memory limit, as the board may change it.
+pub struct LimitFollower {
+    /// The slice's accounting, whose limit changes.
+    pub slice: Arc<SliceMemory>,
+    /// The device's memory: a limit above it is clamped to it.
+    pub device_total: u64,
+}
+
+impl LimitFollower {
+    /// Applies the limit the scheduler set, if any and new; true when the limit changed.
+    fn follow(&self, throttle: &Throttle) -> bool {
+        let Some(wanted) = throttle.memory_limit() else {
+            return false;
+        };
+        let limit = wanted.min(self.device_total);
+        let old = self.slice.limit();
+        if limit == old {
+            return false;
+        }
+        self.slice.set_limit(limit);
+        let used = self.slice.used();
+        if used > limit {
+            tracing::warn!(old, limit, used, "The slice's memory limit is now below what it holds: allocations fail until it frees memory");
+        } else {
+            tracing::info!(old, limit, used, "The slice's memory limit changed");
+        }
+        true
+    }
+}
+
+/// Starts the memory thread: follows the board's `evict` and memory limit (when there is a
+/// board) and publishes the slice's memory.
 pub fn spawn_watcher(
     control: Arc<MemoryControl>,
     throttle: Arc<Throttle>,
     publish: Publish,
+    limit: LimitFollower,
 ) -> std::io::Result<MemoryWatcher> {
     let done = Arc::new(AtomicBool::new(false));
     let finished = done.clone();
@@ -227,7 +262,7 @@ pub fn spawn_watcher(
         .spawn(move || {
             let mut last_publish = Instant::now() - PUBLISH_EVERY;
             while !finished.load(Ordering::Acquire) {
-                let changed = step(&control, &throttle);
+                let changed = step(&control, &throttle) | limit.follow(&throttle);
                 if changed || last_publish.elapsed() >= PUBLISH_EVERY {
                     let usage = control.usage();
                     match &publish {

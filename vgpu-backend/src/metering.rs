@@ -23,8 +23,10 @@
 //!   shares out, still counts the wall time the emulated GPU was held.
 //! - **Memory.** Device bytes the session has allocated, integrated over
 //!   time exactly (the integral advances at every change and whenever the
-//!   reporter reads it), in byte-nanoseconds. Swapped memory stays 0 until
-//!   elastic memory exists.
+//!   reporter reads it), in byte-nanoseconds. The part of it swapped out
+//!   to host memory by a reclaim ([`crate::memctl`]) is integrated apart, as
+//!   swapped byte-nanoseconds: a reclaimed tenant is billed for what it
+//!   held, but not as GPU-resident memory.
 //! - **Copies and kernels.** Bytes copied host to device and device to host,
 //!   kernels launched: relaxed atomic adds next to the slot's counters.
 //!
@@ -57,22 +59,30 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Resident bytes and their integral over time.
+/// Allocated bytes, the part of them swapped out, and their integrals over time.
 #[derive(Debug)]
 struct MemoryClock {
     bytes: u64,
-    /// When `integral` was last brought up to date (CLOCK_MONOTONIC ns).
+    /// Of `bytes`, those swapped out to host memory.
+    swapped: u64,
+    /// When the integrals were last brought up to date (CLOCK_MONOTONIC ns).
     since_ns: u64,
-    /// Byte-ns since the last [`SessionMeter::take`].
+    /// Resident byte-ns since the last [`SessionMeter::take`].
     integral: u128,
+    /// Swapped byte-ns since the last [`SessionMeter::take`].
+    swapped_integral: u128,
 }
 
 impl MemoryClock {
     fn advance(&mut self, now_ns: u64) {
-        let dt = now_ns.saturating_sub(self.since_ns);
+        let dt = u128::from(now_ns.saturating_sub(self.since_ns));
+        let swapped = self.swapped.min(self.bytes);
         self.integral = self
             .integral
-            .saturating_add(u128::from(self.bytes) * u128::from(dt));
+            .saturating_add(u128::from(self.bytes - swapped) * dt);
+        self.swapped_integral = self
+            .swapped_integral
+            .saturating_add(u128::from(swapped) * dt);
         self.since_ns = self.since_ns.max(now_ns);
     }
 }
@@ -84,7 +94,7 @@ pub struct Figures {
     pub gpu_ns: u64,
     /// Resident device memory integral, byte-ns.
     pub mem_resident_byte_ns: u128,
-    /// Swapped-out memory integral, byte-ns (0: no elastic memory yet).
+    /// Swapped-out memory integral, byte-ns.
     pub mem_swapped_byte_ns: u128,
     /// Bytes copied host to device.
     pub htod_bytes: u64,
@@ -124,8 +134,10 @@ impl SessionMeter {
             dtoh: AtomicU64::new(0),
             memory: Mutex::new(MemoryClock {
                 bytes: 0,
+                swapped: 0,
                 since_ns: monotonic_ns(),
                 integral: 0,
+                swapped_integral: 0,
             }),
             closed: AtomicBool::new(false),
         })
@@ -175,9 +187,30 @@ impl SessionMeter {
         m.bytes = m.bytes.saturating_sub(bytes);
     }
 
-    /// Device bytes resident now.
+    /// The session's memory was swapped out or back in: of what it holds on the device and
+    /// in host memory (`usage`, extents rounded up), the same share of its allocated bytes is
+    /// billed as swapped from now on.
+    pub fn swapped(&self, usage: crate::gpu::MemoryUsage) {
+        let mut m = lock(&self.memory);
+        m.advance(monotonic_ns());
+        let held = u128::from(usage.resident) + u128::from(usage.swapped);
+        m.swapped = if held == 0 {
+            0
+        } else {
+            let share = u128::from(m.bytes) * u128::from(usage.swapped) / held;
+            u64::try_from(share).unwrap_or(m.bytes)
+        };
+    }
+
+    /// Device bytes allocated now (resident or swapped out).
     pub fn resident_bytes(&self) -> u64 {
         lock(&self.memory).bytes
+    }
+
+    /// Of the bytes allocated, those swapped out now.
+    pub fn swapped_bytes(&self) -> u64 {
+        let m = lock(&self.memory);
+        m.swapped.min(m.bytes)
     }
 
     /// The session closed: its memory is gone, and the reporter forgets the
@@ -187,6 +220,7 @@ impl SessionMeter {
             let mut m = lock(&self.memory);
             m.advance(monotonic_ns());
             m.bytes = 0;
+            m.swapped = 0;
         }
         self.closed.store(true, Ordering::Release);
     }
@@ -200,15 +234,18 @@ impl SessionMeter {
     /// What was used since the last call (memory integrated up to `now_ns`,
     /// CLOCK_MONOTONIC); the counters restart from zero.
     pub fn take(&self, now_ns: u64) -> Figures {
-        let mem_resident_byte_ns = {
+        let (mem_resident_byte_ns, mem_swapped_byte_ns) = {
             let mut m = lock(&self.memory);
             m.advance(now_ns);
-            std::mem::take(&mut m.integral)
+            (
+                std::mem::take(&mut m.integral),
+                std::mem::take(&mut m.swapped_integral),
+            )
         };
         Figures {
             gpu_ns: self.gpu_ns.swap(0, Ordering::Relaxed),
             mem_resident_byte_ns,
-            mem_swapped_byte_ns: 0,
+            mem_swapped_byte_ns,
             htod_bytes: self.htod.swap(0, Ordering::Relaxed),
             dtoh_bytes: self.dtoh.swap(0, Ordering::Relaxed),
             kernels: self.kernels.swap(0, Ordering::Relaxed),
@@ -315,6 +352,48 @@ mod tests {
         lock(&m.memory).bytes = 80 << 30;
         let f = m.take(t0 + 3_600_000_000_000);
         assert_eq!(f.mem_resident_byte_ns, (80u128 << 30) * 3_600_000_000_000);
+    }
+
+    #[test]
+    fn swapped_memory_is_integrated_apart_from_resident_memory() {
+        use crate::gpu::MemoryUsage;
+        let m = SessionMeter::new(1);
+        m.allocated(3 << 20);
+        let t0 = lock(&m.memory).since_ns;
+        m.take(t0);
+        // Extents round up: 4 MiB held for 3 MiB allocated, all of it swapped out.
+        m.swapped(MemoryUsage {
+            resident: 0,
+            swapped: 4 << 20,
+        });
+        assert_eq!(m.swapped_bytes(), 3 << 20);
+        let t1 = lock(&m.memory).since_ns;
+        let f = m.take(t1 + 1000);
+        assert_eq!(f.mem_swapped_byte_ns, (3u128 << 20) * 1000);
+        assert_eq!(f.mem_resident_byte_ns, (3u128 << 20) * u128::from(t1 - t0));
+        // Half of it back in, then all of it.
+        m.swapped(MemoryUsage {
+            resident: 2 << 20,
+            swapped: 2 << 20,
+        });
+        let t2 = lock(&m.memory).since_ns;
+        let f = m.take(t2 + 10);
+        assert_eq!(
+            f.mem_swapped_byte_ns,
+            (3u128 << 20) * u128::from(t2 - t1 - 1000) + (3u128 << 19) * 10
+        );
+        assert_eq!(f.mem_resident_byte_ns, (3u128 << 19) * 10);
+        m.swapped(MemoryUsage {
+            resident: 4 << 20,
+            swapped: 0,
+        });
+        assert_eq!(m.swapped_bytes(), 0);
+        m.swapped(MemoryUsage {
+            resident: 0,
+            swapped: 4 << 20,
+        });
+        m.close();
+        assert_eq!(m.swapped_bytes(), 0);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::gpu::emulated::EmulatedGpu;
 use crate::gpu::timed::EmulatedClock;
 use crate::gpu::Gpu;
 use crate::guest::GuestMemoryMmap;
-use crate::memctl::{spawn_watcher, MemoryWatcher, Publish};
+use crate::memctl::{spawn_watcher, LimitFollower, MemoryWatcher, Publish};
 use crate::metering::MeterRegistry;
 use crate::reporting::UsageReporting;
 use crate::shared::DeviceShared;
@@ -130,6 +130,7 @@ pub fn open_gpu(config: &BackendConfig, throttle: &Arc<Throttle>) -> Result<Arc<
         DeviceSpec::Emulated => {
             let total = config
                 .emulated_memory
+                .or(config.emulated_gpu_memory)
                 .or(config.memory_limit)
                 .unwrap_or(DEFAULT_EMULATED_MEMORY);
             let clock = match &config.emulated_gpu_lock {
@@ -143,9 +144,9 @@ pub fn open_gpu(config: &BackendConfig, throttle: &Arc<Throttle>) -> Result<Arc<
                 }
                 None => EmulatedClock::unlocked(throttle.clone()),
             };
-            // Each context's elastic heap is as large as the slice's limit.
-            let mut gpu = EmulatedGpu::with_clock(total, clock)
-                .with_heap_capacity(config.memory_limit.unwrap_or(total));
+            // Each context's elastic heap can hold the whole device (its default), so that a
+            // resize never needs a new reservation.
+            let mut gpu = EmulatedGpu::with_clock(total, clock);
             if let (Some(lock), Some(bytes)) =
                 (&config.emulated_gpu_lock, config.emulated_gpu_memory)
             {
@@ -161,11 +162,9 @@ pub fn open_gpu(config: &BackendConfig, throttle: &Arc<Throttle>) -> Result<Arc<
         }
         DeviceSpec::Cuda(ordinal) => match crate::gpu::cuda::CudaGpu::open(ordinal) {
             Ok(gpu) => {
-                let gpu = gpu.with_throttle(throttle.clone());
-                Ok(Arc::new(match config.memory_limit {
-                    Some(limit) => gpu.with_heap_capacity(limit),
-                    None => gpu,
-                }))
+                // Each context's elastic heap reserves address space for the whole device (its
+                // default), so that a resize never needs a new reservation.
+                Ok(Arc::new(gpu.with_throttle(throttle.clone())))
             }
             Err(e) => Err(Error::OpenCuda {
                 ordinal,
@@ -346,8 +345,17 @@ impl Backend {
         } else {
             Publish::Board
         };
-        let memory_watcher = spawn_watcher(shared.memory.clone(), shared.throttle.clone(), publish)
-            .map_err(Error::Monitor)?;
+        let follower = LimitFollower {
+            slice: shared.slice.clone(),
+            device_total: total,
+        };
+        let memory_watcher = spawn_watcher(
+            shared.memory.clone(),
+            shared.throttle.clone(),
+            publish,
+            follower,
+        )
+        .map_err(Error::Monitor)?;
         let listener = match inherited {
             Some(listener) => listener,
             None => bind(&config.socket)?,

@@ -255,13 +255,17 @@ impl Session {
     /// Swaps every context's memory out (each drains its work first); bytes moved. Contexts
     /// whose executor has no elastic memory count nothing.
     pub fn swap_out_all(&mut self) -> Result<u64, vgpu_spec::Status> {
-        self.each_context(|ctx| ctx.swap_out())
+        let moved = self.each_context(|ctx| ctx.swap_out());
+        self.meter.swapped(self.memory_usage());
+        moved
     }
 
     /// Swaps every context's memory back in; bytes moved. Stops at the first context that
     /// cannot get its memory back (it, and those after it, stay swapped out).
     pub fn swap_in_all(&mut self) -> Result<u64, vgpu_spec::Status> {
-        self.each_context(|ctx| ctx.swap_in())
+        let moved = self.each_context(|ctx| ctx.swap_in());
+        self.meter.swapped(self.memory_usage());
+        moved
     }
 
     /// Sums `step` over the contexts, stopping at the first failure; `NOT_SUPPORTED` (no

@@ -500,6 +500,11 @@ impl Throttle {
         }
     }
 
+    /// The memory limit the scheduler set on the board, if any.
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.slot().and_then(|slot| slot.memory_limit())
+    }
+
     /// Counts one reclaim on the board.
     pub fn count_reclaim(&self) {
         if let Some(slot) = self.slot() {

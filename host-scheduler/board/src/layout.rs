@@ -19,10 +19,10 @@ pub const MAX_GPUS: usize = 16;
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"VGPUBRD1");
 
 /// The layout's version.
-pub(crate) const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 3;
 
 /// The file's size: the layout rounded up to whole pages.
-pub(crate) const BOARD_BYTES: u64 = 16 * 1024;
+pub(crate) const BOARD_BYTES: u64 = 20 * 1024;
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("The grant board is defined little-endian");
@@ -48,8 +48,8 @@ pub(crate) struct GpuRow {
     _reserved: [AtomicU64; 7],
 }
 
-/// One row per slot. Written by the scheduler: generation, gpu, class, grant. Written by the
-/// backend: everything else (the scheduler only clears it).
+/// One row per slot. Written by the scheduler: generation, gpu, class, grant, mem_limit.
+/// Written by the backend: everything else (the scheduler only clears it).
 #[repr(C, align(128))]
 pub(crate) struct SlotRow {
     pub generation: AtomicU64,
@@ -75,6 +75,10 @@ pub(crate) struct SlotRow {
     pub mem_swapped: AtomicU64,
     /// Times the slice's memory was reclaimed (swapped out).
     pub reclaims: AtomicU64,
+    /// The slice's memory limit, bytes, as the scheduler last set it (0: the limit the backend
+    /// was started with). A resize of an attached slice takes effect through it.
+    pub mem_limit: AtomicU64,
+    _reserved: [AtomicU64; 15],
 }
 
 /// The whole board.
@@ -87,8 +91,9 @@ pub(crate) struct Layout {
 
 const _: () = assert!(std::mem::size_of::<Header>() == 128);
 const _: () = assert!(std::mem::size_of::<GpuRow>() == 64);
-const _: () = assert!(std::mem::size_of::<SlotRow>() == 128);
+const _: () = assert!(std::mem::size_of::<SlotRow>() == 256);
+const _: () = assert!(std::mem::offset_of!(SlotRow, mem_limit) == 128);
 const _: () = assert!(std::mem::offset_of!(SlotRow, busy) == 24);
 const _: () = assert!(std::mem::offset_of!(SlotRow, waiting) == 96);
-const _: () = assert!(std::mem::size_of::<Layout>() == 128 + 64 * MAX_GPUS + 128 * MAX_SLOTS);
+const _: () = assert!(std::mem::size_of::<Layout>() == 128 + 64 * MAX_GPUS + 256 * MAX_SLOTS);
 const _: () = assert!(std::mem::size_of::<Layout>() as u64 <= BOARD_BYTES);

@@ -179,6 +179,8 @@ pub struct SlotSnapshot {
     pub mem_swapped: u64,
     /// Times the slice's memory was reclaimed.
     pub reclaims: u64,
+    /// The memory limit the scheduler set, bytes (0: the backend's own).
+    pub mem_limit: u64,
 }
 
 /// Nanoseconds of CLOCK_MONOTONIC: the board's clock, the same in every process on the host.
@@ -408,6 +410,7 @@ impl Slot<'_> {
             &r.mem_resident,
             &r.mem_swapped,
             &r.reclaims,
+            &r.mem_limit,
         ] {
             c.store(0, Ordering::Relaxed);
         }
@@ -530,6 +533,17 @@ impl Slot<'_> {
         self.row.mem_swapped.store(swapped, Ordering::Relaxed);
     }
 
+    /// Sets the slice's memory limit (the scheduler, when an attached slice is resized); the
+    /// backend applies it to allocations from then on.
+    pub fn set_memory_limit(&self, bytes: u64) {
+        self.row.mem_limit.store(bytes, Ordering::Release);
+    }
+
+    /// The memory limit the scheduler set, if it set one since the slot was assigned.
+    pub fn memory_limit(&self) -> Option<u64> {
+        Some(self.row.mem_limit.load(Ordering::Acquire)).filter(|b| *b != 0)
+    }
+
     /// Counts one reclaim (the slice's memory was swapped out).
     pub fn add_reclaim(&self) {
         add(&self.row.reclaims, 1);
@@ -621,6 +635,7 @@ impl Slot<'_> {
             mem_resident: load(&r.mem_resident),
             mem_swapped: load(&r.mem_swapped),
             reclaims: load(&r.reclaims),
+            mem_limit: load(&r.mem_limit),
         }
     }
 }

@@ -23,7 +23,7 @@ fn a_created_board_opens_in_another_mapping_and_shares_writes() {
 fn opening_a_file_that_is_not_a_board_fails() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("junk");
-    std::fs::write(&path, vec![0u8; 16384]).unwrap();
+    std::fs::write(&path, vec![0u8; crate::layout::BOARD_BYTES as usize]).unwrap();
     assert!(matches!(
         Board::open(&path),
         Err(BoardError::NotABoard { .. })
@@ -300,4 +300,21 @@ fn an_evict_grant_round_trips_and_memory_figures_are_published() {
         (snap.mem_resident, snap.mem_swapped, snap.reclaims),
         (0, 0, 0)
     );
+}
+
+#[test]
+fn a_memory_limit_set_by_the_scheduler_is_seen_by_the_backend_until_reassignment() {
+    let (dir, b) = board();
+    let backend = Board::open(&dir.path().join("board")).unwrap();
+    let slot = b.slot(5).unwrap();
+    slot.assign(0, Class::BestEffort);
+    assert_eq!(backend.worker_slot(5, 2).unwrap().memory_limit(), None);
+    slot.set_memory_limit(3 << 30);
+    assert_eq!(
+        backend.worker_slot(5, 2).unwrap().memory_limit(),
+        Some(3 << 30)
+    );
+    assert_eq!(slot.snapshot().mem_limit, 3 << 30);
+    slot.assign(0, Class::BestEffort);
+    assert_eq!(backend.slot(5).unwrap().memory_limit(), None);
 }

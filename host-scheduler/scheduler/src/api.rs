@@ -71,9 +71,7 @@ impl From<ServiceError> for ApiError {
                 RegistryError::Admission(a) if a.is_conflict() => StatusCode::CONFLICT,
                 RegistryError::Admission(_) => StatusCode::BAD_REQUEST,
                 RegistryError::NotFound(_) => StatusCode::NOT_FOUND,
-                RegistryError::NoFreeSlot | RegistryError::MemoryLimitWhileAttached(_) => {
-                    StatusCode::CONFLICT
-                }
+                RegistryError::NoFreeSlot => StatusCode::CONFLICT,
                 RegistryError::Save { .. } | RegistryError::Load { .. } => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }

@@ -33,9 +33,6 @@ pub enum RegistryError {
         vgpu_board::MAX_SLOTS
     )]
     NoFreeSlot,
-    /// A change that needs the backend restarted.
-    #[error("Slice {0} is attached; detach it to change its memory limit.")]
-    MemoryLimitWhileAttached(String),
     /// The state file could not be written.
     #[error("Cannot save the slices to {}: {source}", path.display())]
     Save {
@@ -262,12 +259,10 @@ impl Registry {
         self.save()
     }
 
-    /// Admits a changed spec for an existing slice and saves.
+    /// Admits a changed spec for an existing slice and saves. An attached slice's new memory
+    /// limit is the caller's to hand to its backend (the board's slot).
     pub fn update(&mut self, spec: SliceSpec) -> Result<(), RegistryError> {
-        let current = self.get(&spec.name)?;
-        if current.attached && spec.memory_limit != current.spec.memory_limit {
-            return Err(RegistryError::MemoryLimitWhileAttached(spec.name));
-        }
+        self.get(&spec.name)?;
         self.admit(&spec, Some(&spec.name))?;
         let e = self.get_mut(&spec.name)?;
         e.spec = spec;
@@ -455,17 +450,17 @@ mod tests {
     }
 
     #[test]
-    fn memory_limit_cannot_change_while_attached() {
+    fn memory_limit_of_an_attached_slice_changes_and_is_saved() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = Registry::open(dir.path(), &config_without_slices()).unwrap();
         r.create(spec("a", 10)).unwrap();
         r.set_attached("a", true).unwrap();
         let mut s = spec("a", 10);
         s.memory_limit = 2 << 30;
-        assert!(matches!(
-            r.update(s),
-            Err(RegistryError::MemoryLimitWhileAttached(_))
-        ));
+        r.update(s).unwrap();
+        assert_eq!(r.get("a").unwrap().spec.memory_limit, 2 << 30);
+        let reopened = Registry::open(dir.path(), &config_without_slices()).unwrap();
+        assert_eq!(reopened.get("a").unwrap().spec.memory_limit, 2 << 30);
     }
 
     #[test]

@@ -171,9 +171,14 @@ impl Core {
     pub fn update(&self, name: &str, update: &SliceUpdate) -> Result<Slice, ServiceError> {
         let mut reg = self.lock();
         let spec = update.apply(&reg.get(name)?.spec);
+        let limit = spec.memory_limit;
         reg.update(spec)?;
+        // An attached slice's backend follows the new limit from the board.
+        if let Some(slot) = reg.get(name)?.slot {
+            self.board.slot(slot)?.set_memory_limit(limit);
+        }
         self.publish(&reg);
-        tracing::info!(slice = %name, "slice changed");
+        tracing::info!(slice = %name, memory_limit = limit, "slice changed");
         Ok(reg.view(name)?)
     }
 

@@ -113,8 +113,9 @@ pub enum Command {
         /// Guaranteed memory, such as 8GiB.
         #[arg(long, value_name = "SIZE", value_parser = parse_size, group = "changes")]
         memory_guarantee: Option<u64>,
-        /// Memory limit, such as 16GiB.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size, group = "changes")]
+        /// Memory limit, such as 16GiB (`--memory` for short). An attached slice takes the
+        /// new limit at once; below what it holds, its allocations fail until it frees.
+        #[arg(long, alias = "memory", value_name = "SIZE", value_parser = parse_size, group = "changes")]
         memory_limit: Option<u64>,
         /// Weight.
         #[arg(long, value_name = "W", group = "changes")]

@@ -144,7 +144,8 @@ pub struct CudaGpu {
     primary: CUcontext,
     primary_id: u64,
     throttle: Arc<Throttle>,
-    /// The slice memory limit: each context's elastic heap holds this much.
+    /// What each context's elastic heap may hold: the device's memory (the largest limit a
+    /// slice can be resized to) unless a test sets less.
     heap_capacity: u64,
 }
 
@@ -221,8 +222,8 @@ impl CudaGpu {
         self
     }
 
-    /// Sets what each context's elastic heap may hold: the slice memory limit (default: the
-    /// device's memory), for contexts created from now on.
+    /// Sets what each context's elastic heap may hold (default: the device's memory), for
+    /// contexts created from now on.
     pub fn with_heap_capacity(mut self, bytes: u64) -> CudaGpu {
         self.heap_capacity = bytes;
         self

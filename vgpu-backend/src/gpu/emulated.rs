@@ -37,8 +37,11 @@ use mem::{ContextMemory, Owner};
 
 /// First fake device address handed out.
 const ADDRESS_BASE: u64 = 0x7f00_0000_0000;
-/// Fake addresses stay below this (2^48).
-const ADDRESS_END: u64 = 1 << 48;
+/// Fake addresses stay below this (2^51).
+const ADDRESS_END: u64 = 1 << 51;
+/// Each worker process's share of the address space (16 TiB): room for many contexts' heaps,
+/// each of which reserves the whole device's memory.
+const WORKER_SPAN: u64 = 1 << 44;
 /// Alignment of every allocation, as `cuMemAlloc` guarantees.
 const ALLOC_ALIGN: u64 = 256;
 /// Largest dynamic shared memory per block (227 KiB, as on Hopper).
@@ -115,6 +118,8 @@ struct Shared {
     total: u64,
     used: AtomicU64,
     next_address: AtomicU64,
+    /// Addresses stay below this.
+    address_end: AtomicU64,
     clock: EmulatedClock,
     /// Bytes each context's elastic heap may hold (the slice limit).
     heap_capacity: AtomicU64,
@@ -149,7 +154,8 @@ impl Shared {
             .ok_or(Status::OUT_OF_MEMORY)?;
         self.next_address
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |next| {
-                next.checked_add(span).filter(|end| *end <= ADDRESS_END)
+                next.checked_add(span)
+                    .filter(|end| *end <= self.address_end.load(Ordering::Acquire))
             })
             .map_err(|_| Status::OUT_OF_MEMORY)
     }
@@ -208,6 +214,7 @@ impl EmulatedGpu {
                 total: total_mem,
                 used: AtomicU64::new(0),
                 next_address: AtomicU64::new(ADDRESS_BASE),
+                address_end: AtomicU64::new(ADDRESS_END),
                 clock,
                 heap_capacity: AtomicU64::new(total_mem),
                 windows: Mutex::new(mem::Windows::default()),
@@ -216,19 +223,21 @@ impl EmulatedGpu {
         }
     }
 
-    /// Starts this device's addresses `1 TiB × index` above the usual base, so that the worker
-    /// processes of one slice (each with its own emulated device) never hand out the same
-    /// address: a pointer from another worker's session is foreign here, as it is in one process.
+    /// Gives this device the addresses `[16 TiB × index, 16 TiB × (index + 1))` above the usual
+    /// base, so that the worker processes of one slice (each with its own emulated device) never
+    /// hand out the same address: a pointer from another worker's session is foreign here, as it
+    /// is in one process.
     pub fn for_worker(self, index: usize) -> EmulatedGpu {
-        let offset = (index as u64) << 40;
-        self.shared
-            .next_address
-            .store(ADDRESS_BASE + offset, Ordering::Release);
+        let start = ADDRESS_BASE.saturating_add((index as u64).saturating_mul(WORKER_SPAN));
+        let end = start.saturating_add(WORKER_SPAN).min(ADDRESS_END);
+        self.shared.next_address.store(start, Ordering::Release);
+        self.shared.address_end.store(end, Ordering::Release);
         self
     }
 
-    /// Sets the bytes each context's elastic heap may hold: the slice memory limit (default:
-    /// the device's total memory). Applies to contexts whose first allocation comes after.
+    /// Sets the bytes each context's elastic heap may hold (default: the device's total memory,
+    /// the largest limit the slice can be resized to). Applies to contexts whose first
+    /// allocation comes after.
     pub fn with_heap_capacity(self, bytes: u64) -> EmulatedGpu {
         self.shared.heap_capacity.store(bytes, Ordering::Release);
         self
