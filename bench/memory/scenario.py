@@ -5,13 +5,16 @@ Starts vgpu-scheduler --device cuda with two slices on GPU 0:
   be  best-effort, memory guarantee 0, limit BE_GIB
   lc  latency-critical, memory guarantee = limit = LC_GIB
 then, with memory_client tenants (tests/c/memory_client.c):
-  1. be fills BE_GIB of buffers (device-side memsets); reclaim be (vgpuctl reclaim: freeze,
-     swap out to pinned host memory) and restore it, REPEAT times: the backend's swap-out and
-     swap-in times give the bandwidth each way; be's bytes are checked after each restore.
-  2. claim: lc allocates until the GPU is full; its next allocation fails on the device, its
-     backend claims memory within lc's guarantee, the scheduler reclaims be (all BE_GIB) and
-     lc's allocation completes: the slowest lc allocation is the time to take be's memory.
+  1. be fills BE_GIB of buffers (device-side memsets); its backend's swap reserve pins as much
+     host memory in the background (be may be reclaimed); the scenario waits for it (at most
+     RESERVE_WAIT_S) and records how long it took.
+  2. claim, be's first reclaim: lc allocates until the GPU is full; its next allocation fails
+     on the device, its backend claims memory within lc's guarantee, the scheduler reclaims be
+     (all BE_GIB) and lc's allocation completes: the slowest lc allocation is the time to take
+     be's memory.
   3. lc frees; the scheduler gives be its memory back once it fits; be's bytes are checked.
+  4. reclaim be and restore it, REPEAT times: the backend's swap-out and swap-in times give
+     the bandwidth each way; be's bytes are checked after each restore.
 Writes one JSON document to stdout. Usage: scenario.py DIST CLIENT OUTDIR
 """
 import json
@@ -28,6 +31,7 @@ GIB = 1 << 30
 BE_GIB = int(os.environ.get("BE_GIB", "20"))
 LC_GIB = int(os.environ.get("LC_GIB", "60"))
 REPEAT = int(os.environ.get("REPEAT", "3"))
+RESERVE_WAIT_S = float(os.environ.get("RESERVE_WAIT_S", "60"))
 TIMEOUT = 120
 
 
@@ -162,22 +166,21 @@ def main():
             if api.memory("be")["resident"] >= BE_GIB * GIB:
                 break
             time.sleep(0.05)
-        cycles = []
-        for i in range(REPEAT):
-            st, out = api.request("POST", "/v1/slices/be/reclaim")
-            assert st == 200, out
-            m = api.memory("be")
-            st, back = api.request("POST", "/v1/slices/be/restore")
-            assert st == 200, back
-            sampled = be.ask("sample", "SAMPLED")
-            cycles.append({"reclaim_api": out, "swapped_seen": m["swapped"], "restore_api": back,
-                           "intact": sampled.split()[1] != "0"})
-            log(f"cycle {i}: reclaim {out['ms']:.1f} ms, restore {back['ms']:.1f} ms, {sampled}")
-        outs = backend_times(slog, "swapped out")
-        ins = backend_times(slog, "restored at the same")
-        doc["cycles"] = cycles
-        doc["swap_out"] = [{"bytes": b, "ms": ms, "gbps": b / ms / 1e6} for b, ms in outs]
-        doc["swap_in"] = [{"bytes": b, "ms": ms, "gbps": b / ms / 1e6} for b, ms in ins]
+        # The swap reserve pins be's swap space while it runs (a slice above its guarantee);
+        # the claim below is be's first reclaim, made once the reserve is ready.
+        t0 = time.monotonic()
+        ready = None
+        while time.monotonic() - t0 < RESERVE_WAIT_S:
+            with open(slog, errors="replace") as f:
+                ready = next((l for l in f if "Swap reserve ready" in l
+                              and int((re.search(r"pinned=(\d+)", l) or [0, 0])[1]) >= BE_GIB * GIB),
+                             None)
+            if ready:
+                break
+            time.sleep(0.1)
+        doc["swap_reserve"] = {"ready_after_s": round(time.monotonic() - t0, 2) if ready else None,
+                               "line": re.sub(r"\x1b\[[0-9;]*m", "", ready).strip() if ready else None}
+        log(f"swap reserve: {doc['swap_reserve']}")
 
         # The claim: lc fills the GPU, then asks for more within its guarantee.
         lc = Tenant(client, os.path.join(state, "slices", "lc.sock"), dist, "lc", outdir)
@@ -204,6 +207,23 @@ def main():
             time.sleep(0.05)
         sampled = be.ask("sample", "SAMPLED")
         doc["restored_after_claim"] = {"be": m_be, "check": sampled}
+        cycles = []
+        for i in range(REPEAT):
+            st, out = api.request("POST", "/v1/slices/be/reclaim")
+            assert st == 200, out
+            m = api.memory("be")
+            st, back = api.request("POST", "/v1/slices/be/restore")
+            assert st == 200, back
+            sampled = be.ask("sample", "SAMPLED")
+            cycles.append({"reclaim_api": out, "swapped_seen": m["swapped"], "restore_api": back,
+                           "intact": sampled.split()[1] != "0"})
+            log(f"cycle {i}: reclaim {out['ms']:.1f} ms, restore {back['ms']:.1f} ms, {sampled}")
+        outs = backend_times(slog, "swapped out")
+        ins = backend_times(slog, "restored at the same")
+        doc["cycles"] = cycles
+        doc["swap_out"] = [{"bytes": b, "ms": ms, "gbps": b / ms / 1e6} for b, ms in outs]
+        doc["swap_in"] = [{"bytes": b, "ms": ms, "gbps": b / ms / 1e6} for b, ms in ins]
+
         doc["be_failures"] = be.failures()
     finally:
         for t in tenants:

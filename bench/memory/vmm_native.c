@@ -4,6 +4,9 @@
  *   vmm_native copy      pinned copy bandwidth, 2 MiB chunks over 4 streams, each way
  *   vmm_native map       cuMemCreate + cuMemMap + cuMemSetAccess, and cuMemUnmap +
  *                        cuMemRelease, per 2 MiB chunk (mean over 512 chunks)
+ *   vmm_native pin       pinning 4 GiB of host memory in 64 MiB slabs, the cost a cold swap-out
+ *                        pays: cuMemHostAlloc, and anonymous memory (transparent huge pages
+ *                        asked for, pages touched first) registered with cuMemHostRegister
  *   vmm_native pattern   the allocation pattern of PyTorch's caching allocator (segments of
  *                        2 MiB for small blocks, 20 MiB for medium ones, large ones rounded up
  *                        to 2 MiB) with cuMemAlloc/cuMemFree: also run through a slice, where
@@ -14,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include <cuda.h>
@@ -75,6 +79,45 @@ static void copy_bench(size_t total) {
     }
     CK(cuMemFreeHost(host));
     CK(cuMemFree(dev));
+}
+
+#define SLAB (64 * MIB)
+
+static void pin_bench(size_t total) {
+    size_t n = total / SLAB;
+    void **p = calloc(n, sizeof *p);
+    double t0 = now_s();
+    for (size_t i = 0; i < n; i++) {
+        CK(cuMemHostAlloc(&p[i], SLAB, CU_MEMHOSTALLOC_PORTABLE));
+    }
+    double host_alloc = now_s() - t0;
+    for (size_t i = 0; i < n; i++) {
+        CK(cuMemFreeHost(p[i]));
+    }
+    double touch = 0, reg = 0;
+    for (size_t i = 0; i < n; i++) {
+        double a = now_s();
+        p[i] = mmap(NULL, SLAB, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p[i] == MAP_FAILED) {
+            fprintf(stderr, "mmap failed\n");
+            exit(1);
+        }
+        madvise(p[i], SLAB, MADV_HUGEPAGE);
+        memset(p[i], 0, SLAB);
+        double b = now_s();
+        CK(cuMemHostRegister(p[i], SLAB, CU_MEMHOSTREGISTER_PORTABLE));
+        touch += b - a;
+        reg += now_s() - b;
+    }
+    for (size_t i = 0; i < n; i++) {
+        CK(cuMemHostUnregister(p[i]));
+        munmap(p[i], SLAB);
+    }
+    free(p);
+    printf("{\"test\":\"pin\",\"bytes\":%zu,\"slab\":%llu,\"host_alloc_gbps\":%.2f,"
+           "\"thp_touch_gbps\":%.2f,\"register_gbps\":%.2f,\"touch_and_register_gbps\":%.2f}\n",
+           total, SLAB, total / host_alloc / 1e9, total / touch / 1e9, total / reg / 1e9,
+           total / (touch + reg) / 1e9);
 }
 
 static void map_bench(int n) {
@@ -175,6 +218,9 @@ int main(int argc, char **argv) {
     CK(cuCtxSetCurrent(ctx));
     if (!strcmp(what, "copy") || !strcmp(what, "all")) {
         copy_bench(4096 * MIB);
+    }
+    if (!strcmp(what, "pin") || !strcmp(what, "all")) {
+        pin_bench(4096 * MIB);
     }
     if (!strcmp(what, "map") || !strcmp(what, "all")) {
         map_bench(512);

@@ -203,6 +203,9 @@ pub struct BackendConfig {
     /// The emulated GPU's memory, shared by every backend using the same lock (a budget file
     /// next to it). Ignored for CUDA.
     pub emulated_gpu_memory: Option<u64>,
+    /// Pin host memory for swapping ahead of need (see `elastic::pinned`). Ignored for the
+    /// emulated device, whose swap space is not pinned.
+    pub swap_reserve: bool,
     /// The bound on queued GPU work (with a board).
     pub max_inflight: std::time::Duration,
     /// How long the backend keeps serving after a kernel faulted before it stops for a clean
@@ -263,6 +266,7 @@ impl BackendConfig {
             board: None,
             emulated_gpu_lock: None,
             emulated_gpu_memory: None,
+            swap_reserve: false,
             max_inflight: crate::throttle::DEFAULT_MAX_INFLIGHT,
             fault_restart_after: crate::server::POISON_GRACE,
             metering: None,

@@ -60,6 +60,11 @@ struct Cli {
     /// every backend on it (a file next to the lock), so that it can be full for all of them.
     #[arg(long, value_name = "BYTES", value_parser = parse_size, requires = "emulated_gpu_lock")]
     emulated_gpu_memory: Option<u64>,
+    /// CUDA only: pin host memory for swapping ahead of need, as large as the device memory the
+    /// slice holds, so that reclaiming its memory copies without pinning (the scheduler asks
+    /// for it for slices whose memory guarantee is below their limit).
+    #[arg(long)]
+    swap_reserve: bool,
     /// The bound on queued GPU work, in microseconds (with a board): a slice that loses its grant
     /// hands the GPU over once this much work has drained.
     #[arg(
@@ -151,6 +156,7 @@ fn main() -> ExitCode {
     }
     config.emulated_gpu_lock = cli.emulated_gpu_lock;
     config.emulated_gpu_memory = cli.emulated_gpu_memory;
+    config.swap_reserve = cli.swap_reserve;
     config = config.max_inflight_us(cli.max_inflight_us);
     if let (Some(socket), Some(tenant)) = (cli.scheduler_socket, cli.tenant) {
         config = config

@@ -194,12 +194,9 @@ impl SessionMeter {
         let mut m = lock(&self.memory);
         m.advance(monotonic_ns());
         let held = u128::from(usage.resident) + u128::from(usage.swapped);
-        m.swapped = if held == 0 {
-            0
-        } else {
-            let share = u128::from(m.bytes) * u128::from(usage.swapped) / held;
-            u64::try_from(share).unwrap_or(m.bytes)
-        };
+        m.swapped = (u128::from(m.bytes) * u128::from(usage.swapped))
+            .checked_div(held)
+            .map_or(0, |share| u64::try_from(share).unwrap_or(m.bytes));
     }
 
     /// Device bytes allocated now (resident or swapped out).

@@ -85,6 +85,9 @@ pub enum Error {
     /// The board monitor thread could not be started.
     #[error("Cannot start the board monitor thread: {0}")]
     Monitor(std::io::Error),
+    /// The swap reserve thread could not be started.
+    #[error("Cannot start the swap reserve thread: {0}")]
+    SwapReserve(std::io::Error),
     /// The usage reporting thread could not be started.
     #[error("Cannot start the usage reporting thread: {0}")]
     Reporting(std::io::Error),
@@ -164,7 +167,13 @@ pub fn open_gpu(config: &BackendConfig, throttle: &Arc<Throttle>) -> Result<Arc<
             Ok(gpu) => {
                 // Each context's elastic heap reserves address space for the whole device (its
                 // default), so that a resize never needs a new reservation.
-                Ok(Arc::new(gpu.with_throttle(throttle.clone())))
+                let gpu = gpu.with_throttle(throttle.clone());
+                let gpu = if config.swap_reserve {
+                    gpu.with_swap_reserve().map_err(Error::SwapReserve)?
+                } else {
+                    gpu
+                };
+                Ok(Arc::new(gpu))
             }
             Err(e) => Err(Error::OpenCuda {
                 ordinal,

@@ -64,6 +64,10 @@ impl Launcher {
             "--tenant".into(),
             spec.tenant.clone().into(),
         ]);
+        if self.device == DeviceKind::Cuda && spec.memory_guarantee < spec.memory_limit {
+            // Its memory above the guarantee may be reclaimed: pin the swap space ahead.
+            args.push("--swap-reserve".into());
+        }
         if self.device == DeviceKind::Emulated {
             args.push("--emulated-gpu-lock".into());
             args.push(
@@ -491,8 +495,13 @@ mod tests {
             args(&s).join(" "),
             "--socket /var/lib/vgpu/slices/lc.sock --device cuda:1 --slice lc \
              --memory-limit 1073741824 --board /var/lib/vgpu/board --board-slot 3 \
-             --scheduler-socket /var/lib/vgpu/api.sock --tenant t"
+             --scheduler-socket /var/lib/vgpu/api.sock --tenant t --swap-reserve"
         );
+        // Memory that cannot be reclaimed needs no swap space pinned ahead.
+        let mut fixed = spec("lc", 1);
+        fixed.memory_guarantee = fixed.memory_limit;
+        let s = l.launch_spec(&fixed, 3, "/var/lib/vgpu/slices/lc.sock".into());
+        assert!(!args(&s).contains(&"--swap-reserve".to_string()));
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! Each extent is one physical allocation (`CU_MEM_ALLOCATION_TYPE_PINNED` on the context's
 //! device) of its whole length: one `cuMemCreate`, one `cuMemMap`, one `cuMemSetAccess` and
 //! one zeroing memset; its handle is released as soon as it is mapped, so its one
-//! `cuMemUnmap` frees it. Swapping copies extents to pinned host memory (`cuMemHostAlloc` slabs
-//! of up to [`SLAB_CHUNKS`] chunk-sized slots, kept in a pool and reused by the next swap,
-//! since pinning is slower than copying; an extent's slots need not be contiguous) with
+//! `cuMemUnmap` frees it. Swapping copies extents to pinned host memory (slabs of chunk-sized
+//! slots in a pool, pinned ahead by the swap reserve when it is on: see [`super::pinned`]; an
+//! extent's slots need not be contiguous) with
 //! asynchronous copies spread over [`STREAMS`] non-blocking streams, each copy a run of chunks
 //! contiguous on both sides (inside one slab) of at most [`MAX_COPY`] bytes. Swap-out unmaps
 //! each extent as soon as its copies are done, while later ones are still copying; swap-in
@@ -14,17 +14,19 @@
 //! copies.
 //!
 //! **Every method, and drop, must run with the owning CUDA context current on the calling
-//! thread** (the CUDA executor enters its context before touching its heap). Streams and
-//! pinned buffers belong to that context.
+//! thread** (the CUDA executor enters its context before touching its heap). Streams belong
+//! to that context; pinned buffers to the device's primary context (portable).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ptr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::sys::{self as cu, CUdevice, CUresult};
 use tracing::warn;
 use vgpu_spec::Status;
 
+pub use super::pinned::SLAB_CHUNKS;
+use super::pinned::{PinContext, SharedPool, SwapReserve};
 use super::{ChunkMemory, ElasticHeap, Extent, CHUNK};
 use crate::gpu::{GpuResult, MemoryUsage};
 
@@ -41,6 +43,8 @@ pub const SYMBOLS: &[&str] = &[
     "cuMemGetAllocationGranularity",
     "cuMemHostAlloc",
     "cuMemFreeHost",
+    "cuCtxPushCurrent_v2",
+    "cuCtxPopCurrent_v2",
     "cuStreamCreate",
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
@@ -55,8 +59,6 @@ pub const SYMBOLS: &[&str] = &[
 
 /// Streams the swap copies are spread over.
 pub const STREAMS: usize = 4;
-/// Chunks per pinned host slab (64 MiB).
-pub const SLAB_CHUNKS: usize = 32;
 /// Longest single copy (32 MiB): extents are cut into copies of at most this, so every
 /// stream gets work.
 pub const MAX_COPY: u64 = 16 * CHUNK;
@@ -86,91 +88,6 @@ fn check(result: CUresult) -> GpuResult<()> {
     Status(result as u32).into_result()
 }
 
-/// One `cuMemHostAlloc` allocation.
-struct Slab {
-    ptr: *mut u8,
-    chunks: usize,
-}
-
-/// Pinned host chunk-sized slots, handed out and taken back; freed only on drop or
-/// [`CudaChunks::release_idle_pinned`].
-#[derive(Default)]
-struct PinnedPool {
-    slabs: Vec<Slab>,
-    /// The first slot of every slab.
-    starts: HashSet<*mut u8>,
-    /// Free slots, each inside a slab.
-    free: Vec<*mut u8>,
-}
-
-impl PinnedPool {
-    /// `n` slots in ascending address order, the lowest free ones (so that they are
-    /// contiguous where possible), pinning new slabs as needed (`OUT_OF_MEMORY` when the host
-    /// cannot).
-    fn take(&mut self, n: usize) -> GpuResult<Vec<*mut u8>> {
-        while self.free.len() < n {
-            let chunks = (n - self.free.len()).min(SLAB_CHUNKS);
-            let bytes = chunks * CHUNK as usize;
-            let mut p: *mut std::ffi::c_void = ptr::null_mut();
-            // SAFETY: p is a valid out-pointer; flags 0 pins memory for this context.
-            check(unsafe { cu::cuMemHostAlloc(&mut p, bytes, 0) }).map_err(|status| {
-                warn!(%status, bytes, "Pinning host memory for a swap failed");
-                Status::OUT_OF_MEMORY
-            })?;
-            let base = p.cast::<u8>();
-            self.free
-                .extend((0..chunks).map(|i| base.wrapping_add(i * CHUNK as usize)));
-            self.slabs.push(Slab { ptr: base, chunks });
-            self.starts.insert(base);
-        }
-        // Highest first, so that the last n are the lowest, taken in ascending order.
-        if !self.free.is_sorted_by(|a, b| a >= b) {
-            self.free.sort_unstable_by(|a, b| b.cmp(a));
-        }
-        let mut taken = self.free.split_off(self.free.len() - n);
-        taken.reverse();
-        Ok(taken)
-    }
-
-    fn put(&mut self, slots: impl IntoIterator<Item = *mut u8>) {
-        self.free.extend(slots);
-    }
-
-    /// True when `p` is the first slot of a slab: no copy may run into it from below (the
-    /// memory below, if pinned at all, is another allocation).
-    fn starts_slab(&self, p: *mut u8) -> bool {
-        self.starts.contains(&p)
-    }
-
-    fn bytes(&self) -> u64 {
-        self.slabs.iter().map(|s| s.chunks as u64 * CHUNK).sum()
-    }
-
-    /// Frees every slab none of whose slots is in use.
-    fn release_idle(&mut self) {
-        let mut kept = Vec::new();
-        for slab in std::mem::take(&mut self.slabs) {
-            let end = slab.ptr.wrapping_add(slab.chunks * CHUNK as usize);
-            let inside = |p: &*mut u8| *p >= slab.ptr && *p < end;
-            if self.free.iter().filter(|p| inside(p)).count() == slab.chunks {
-                self.free.retain(|p| !inside(p));
-                self.starts.remove(&slab.ptr);
-                free_slab(&slab);
-            } else {
-                kept.push(slab);
-            }
-        }
-        self.slabs = kept;
-    }
-}
-
-fn free_slab(slab: &Slab) {
-    // SAFETY: the slab came from cuMemHostAlloc and no slot of it is in use.
-    if let Err(status) = check(unsafe { cu::cuMemFreeHost(slab.ptr.cast()) }) {
-        warn!(%status, "Freeing pinned swap memory failed");
-    }
-}
-
 /// The host copy of a swapped-out extent.
 struct Saved {
     len: u64,
@@ -195,7 +112,7 @@ pub struct CudaChunks {
     streams: Vec<cu::CUstream>,
     /// Host copies of swapped-out extents, by start.
     saved: HashMap<u64, Saved>,
-    pool: PinnedPool,
+    pool: Arc<SharedPool>,
 }
 
 // SAFETY: the streams and pinned buffers belong to a CUDA context, which may be used from any
@@ -204,14 +121,23 @@ pub struct CudaChunks {
 unsafe impl Send for CudaChunks {}
 
 impl CudaChunks {
-    /// Chunk memory on `device` for the context current on this thread. `NOT_SUPPORTED`
+    /// Chunk memory on `device` for the context current on this thread, swapping through host
+    /// memory pinned under `primary` (ahead of need when `reserve` is given). `NOT_SUPPORTED`
     /// when the device's mapping granularity does not divide [`CHUNK`].
-    pub fn new(device: CUdevice) -> GpuResult<CudaChunks> {
+    pub fn new(
+        device: CUdevice,
+        primary: PinContext,
+        reserve: Option<&SwapReserve>,
+    ) -> GpuResult<CudaChunks> {
+        let pool = SharedPool::new(primary);
+        if let Some(reserve) = reserve {
+            reserve.watch(&pool);
+        }
         let mut chunks = CudaChunks {
             device,
             streams: Vec::with_capacity(STREAMS),
             saved: HashMap::new(),
-            pool: PinnedPool::default(),
+            pool,
         };
         let prop = chunks.prop();
         let mut granularity = 0usize;
@@ -243,12 +169,12 @@ impl CudaChunks {
 
     /// Bytes of pinned host memory held for swapping (in use or pooled).
     pub fn pinned_bytes(&self) -> u64 {
-        self.pool.bytes()
+        self.pool.lock().bytes()
     }
 
     /// Frees pooled pinned host memory no saved extent uses.
     pub fn release_idle_pinned(&mut self) {
-        self.pool.release_idle();
+        self.pool.lock().trim_to(0);
     }
 
     fn location(&self) -> cu::CUmemLocation {
@@ -355,7 +281,8 @@ impl CudaChunks {
 
     /// The copies of one extent's `pairs` (see [`CudaChunks::copies`]).
     fn copies_of(&self, pairs: &[(u64, *mut u8)]) -> Vec<(usize, usize)> {
-        Self::copies(pairs, |p| self.pool.starts_slab(p))
+        let pool = self.pool.lock();
+        Self::copies(pairs, |p| pool.starts_slab(p))
     }
 
     /// Issues one asynchronous copy of `n` chunks from `pairs[i]` on stream `k % STREAMS`.
@@ -465,6 +392,7 @@ impl ChunkMemory for CudaChunks {
             Self::unmap_logged(va, len, "Unmapping an extent after a failed memset");
             return Err(status);
         }
+        self.pool.hold(len);
         Ok(())
     }
 
@@ -482,7 +410,9 @@ impl ChunkMemory for CudaChunks {
     fn unmap(&mut self, va: u64, len: u64) -> GpuResult<()> {
         // SAFETY: no arguments; the owning context is current (see the module docs).
         check(unsafe { cu::cuCtxSynchronize() })?;
-        Self::unmap_extent(va, len)
+        Self::unmap_extent(va, len)?;
+        self.pool.let_go(len);
+        Ok(())
     }
 
     /// Issues the copies of every extent, then unmaps each extent as soon as its copies are
@@ -494,7 +424,7 @@ impl ChunkMemory for CudaChunks {
             return Err(Status::INVALID_VALUE);
         }
         let total = extents.iter().map(|&(_, len)| (len / CHUNK) as usize).sum();
-        let mut slots = self.pool.take(total)?.into_iter();
+        let mut slots = self.pool.lock().take(total)?.into_iter();
         let plan: Vec<(Extent, Vec<(u64, *mut u8)>)> = extents
             .iter()
             .map(|&(va, len)| {
@@ -506,6 +436,7 @@ impl ChunkMemory for CudaChunks {
             Ok(issued) => issued,
             Err(status) => {
                 self.pool
+                    .lock()
                     .put(plan.iter().flat_map(|(_, p)| p.iter().map(|&(_, h)| h)));
                 return Err(status);
             }
@@ -547,7 +478,7 @@ impl ChunkMemory for CudaChunks {
         if let Err(error) = self.restore(&unmapped) {
             warn!(%error, "Restoring extents after a failed swap-out failed");
         }
-        self.pool.put(
+        self.pool.lock().put(
             plan[done..]
                 .iter()
                 .flat_map(|(_, p)| p.iter().map(|&(_, h)| h)),
@@ -600,7 +531,7 @@ impl ChunkMemory for CudaChunks {
         }
         for (va, _) in order {
             if let Some(saved) = self.saved.remove(&va) {
-                self.pool.put(saved.slots);
+                self.pool.lock().put(saved.slots);
             }
         }
         Ok(())
@@ -611,7 +542,8 @@ impl ChunkMemory for CudaChunks {
             if saved.still_mapped {
                 Self::unmap_logged(va, saved.len, "Unmapping a discarded extent");
             }
-            self.pool.put(saved.slots);
+            self.pool.lock().put(saved.slots);
+            self.pool.let_go(saved.len);
         }
     }
 }
@@ -622,13 +554,11 @@ impl Drop for CudaChunks {
             if saved.still_mapped {
                 Self::unmap_logged(va, saved.len, "Unmapping an extent of dropped chunk memory");
             }
-            self.pool.put(saved.slots);
+            self.pool.lock().put(saved.slots);
         }
-        for slab in self.pool.slabs.drain(..) {
-            free_slab(&slab);
-        }
-        self.pool.free.clear();
-        self.pool.starts.clear();
+        // The pinned slabs go with the pool (the reserve thread may hold it a moment longer).
+        self.pool.let_go(u64::MAX);
+        self.pool.lock().trim_to(0);
         for stream in self.streams.drain(..) {
             // SAFETY: our own stream, idle (every method waits for its copies).
             if let Err(status) = check(unsafe { cu::cuStreamDestroy_v2(stream) }) {
@@ -639,12 +569,18 @@ impl Drop for CudaChunks {
 }
 
 /// The elastic heap of a new CUDA context (current on this thread) on `device`, reserving
-/// [`super::reservation_for_limit`] of `limit`; `None` when elastic memory is off.
-pub fn context_heap(device: CUdevice, limit: u64) -> GpuResult<Option<ElasticHeap<CudaChunks>>> {
+/// [`super::reservation_for_limit`] of `limit`, swapping through memory pinned under `primary`
+/// (ahead of need with a `reserve`); `None` when elastic memory is off.
+pub fn context_heap(
+    device: CUdevice,
+    limit: u64,
+    primary: PinContext,
+    reserve: Option<&SwapReserve>,
+) -> GpuResult<Option<ElasticHeap<CudaChunks>>> {
     if !enabled_by_env() {
         return Ok(None);
     }
-    let chunks = CudaChunks::new(device)?;
+    let chunks = CudaChunks::new(device, primary, reserve)?;
     ElasticHeap::new(chunks, super::reservation_for_limit(limit)).map(Some)
 }
 

@@ -41,21 +41,6 @@ fn copies_never_run_from_one_pinned_slab_into_the_next() {
 }
 
 #[test]
-fn the_pinned_pool_hands_out_its_lowest_free_slots_in_ascending_order() {
-    // Slots returned in any order come back sorted, so an extent's copies merge again.
-    let mut pool = PinnedPool::default();
-    pool.put([slot(5), slot(1), slot(4), slot(0), slot(2), slot(3)]);
-    assert_eq!(
-        pool.take(4).unwrap(),
-        vec![slot(0), slot(1), slot(2), slot(3)]
-    );
-    pool.put([slot(1), slot(0)]);
-    assert_eq!(pool.take(3).unwrap(), vec![slot(0), slot(1), slot(4)]);
-    assert_eq!(pool.take(1).unwrap(), vec![slot(5)]);
-    pool.free.clear(); // no slab behind these fake slots
-}
-
-#[test]
 fn every_symbol_is_listed_once() {
     let mut names = SYMBOLS.to_vec();
     names.sort_unstable();
@@ -222,6 +207,53 @@ fn real_gpu_new_extents_read_as_zeros_after_a_freed_one_held_data() {
         ctx.memset(d, 0xab, 1, size as u64, None, false).unwrap();
         ctx.mem_free(d).unwrap();
         assert_eq!(ctx.memory_usage().resident, 0);
+    }
+}
+
+/// With the swap reserve, host memory is pinned while the context holds device memory, so a
+/// swap-out pins nothing; freed memory's reserve is given back.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn real_gpu_swap_reserve_pins_ahead_and_gives_back() {
+    let gpu = open()
+        .with_heap_capacity(1 << 30)
+        .with_swap_reserve()
+        .unwrap();
+    let mut ctx = gpu.create_context(0).unwrap();
+    let size = 256usize << 20;
+    let d = ctx.mem_alloc(size as u64).unwrap();
+    let mut data = pattern(7, size);
+    ctx.memcpy_htod(d, &[host(&mut data)], None, false, false)
+        .unwrap();
+    let start = Instant::now();
+    while gpu.swap_reserve_bytes() < size as u64 {
+        assert!(start.elapsed().as_secs() < 30, "the reserve never filled");
+        std::thread::yield_now();
+    }
+    let ready = start.elapsed();
+    let before = gpu.swap_reserve_bytes();
+    let t = Instant::now();
+    let moved = ctx.swap_out().unwrap();
+    let out = t.elapsed();
+    assert_eq!(
+        gpu.swap_reserve_bytes(),
+        before,
+        "a swap-out with a full reserve pins nothing"
+    );
+    ctx.swap_in().unwrap();
+    assert!(read(&mut ctx, d, size) == data);
+    println!(
+        "reserve of {before} bytes ready in {ready:?}; swap-out of {moved} bytes {:.1} GB/s",
+        moved as f64 / out.as_secs_f64() / 1e9
+    );
+    ctx.mem_free(d).unwrap();
+    let start = Instant::now();
+    while gpu.swap_reserve_bytes() > 2 * SLAB_CHUNKS as u64 * CHUNK {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the reserve was never given back"
+        );
+        std::thread::yield_now();
     }
 }
 

@@ -16,6 +16,7 @@ use crate::gpu::GpuResult;
 pub mod cuda;
 pub mod heap;
 pub mod host;
+pub mod pinned;
 
 pub use cuda::CudaChunks;
 pub use heap::{reservation_for_limit, ElasticHeap};

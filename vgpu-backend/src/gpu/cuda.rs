@@ -147,6 +147,8 @@ pub struct CudaGpu {
     /// What each context's elastic heap may hold: the device's memory (the largest limit a
     /// slice can be resized to) unless a test sets less.
     heap_capacity: u64,
+    /// Pins swap memory ahead of need (a slice that may be reclaimed).
+    reserve: Option<elastic::pinned::SwapReserve>,
 }
 
 // SAFETY: CUDA contexts and devices may be used from any thread; the
@@ -212,7 +214,20 @@ impl CudaGpu {
             primary_id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
             throttle: Throttle::disabled(),
             heap_capacity,
+            reserve: None,
         })
+    }
+
+    /// Keeps pinned host memory for swapping ahead of need, as large as each context's
+    /// device memory (see [`elastic::pinned`]), for contexts created from now on.
+    pub fn with_swap_reserve(mut self) -> std::io::Result<CudaGpu> {
+        self.reserve = Some(elastic::pinned::SwapReserve::start()?);
+        Ok(self)
+    }
+
+    /// Bytes the swap reserve holds pinned (0 without one).
+    pub fn swap_reserve_bytes(&self) -> u64 {
+        self.reserve.as_ref().map_or(0, |r| r.pinned_bytes())
     }
 
     /// Reports to `throttle`; with a board, contexts created from now on
@@ -232,6 +247,8 @@ impl CudaGpu {
 
 impl Drop for CudaGpu {
     fn drop(&mut self) {
+        // The reserve thread pins under the primary context: it stops first.
+        drop(self.reserve.take());
         forget_current(self.primary_id);
         // SAFETY: balances the retain in open().
         if let Err(status) = check(unsafe { cu::cuDevicePrimaryCtxRelease_v2(self.device) }) {
@@ -298,7 +315,12 @@ impl CudaGpu {
         // SAFETY: ctx is a valid out-pointer; null params are allowed.
         check(unsafe { cu::cuCtxCreate_v4(&mut ctx, ptr::null_mut(), flags, self.device) })?;
         let id = NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let heap = elastic::cuda::context_heap(self.device, self.heap_capacity);
+        let heap = elastic::cuda::context_heap(
+            self.device,
+            self.heap_capacity,
+            elastic::pinned::PinContext(self.primary),
+            self.reserve.as_ref(),
+        );
         let mut context = CudaContext {
             ctx,
             id,
