@@ -304,8 +304,10 @@ fn real_gpu_swap_in_without_memory_stays_swapped_and_recovers() {
     assert!(read(&mut ctx, d, size) == data);
 }
 
-/// Swap throughput: `VGPU_SWAP_BENCH_MIB` (default 4096) MiB out and in, twice (the first
-/// swap-out also pins its host memory). Goal: at least 40 GB/s each way with a warm pool.
+/// Swap throughput: `VGPU_SWAP_BENCH_MIB` (default 4096) MiB out and in, five times (the first
+/// swap-out also pins its host memory: no swap reserve here). Goal: at least 40 GB/s each way
+/// with a warm pool, the median of the four warm cycles (one cycle's swap-in measured 37.6
+/// between two of 50: the driver's map calls vary).
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn real_gpu_swap_moves_at_least_40_gb_per_second_when_warm() {
@@ -324,8 +326,8 @@ fn real_gpu_swap_moves_at_least_40_gb_per_second_when_warm() {
         allocs.push((d, size, i as u32 + 1));
     }
     let gbps = |bytes: u64, t: Instant| bytes as f64 / t.elapsed().as_secs_f64() / 1e9;
-    let mut warm = (0.0, 0.0);
-    for cycle in 0..3 {
+    let (mut warm_out, mut warm_in) = (Vec::new(), Vec::new());
+    for cycle in 0..5 {
         let t = Instant::now();
         let out = ctx.swap_out().unwrap();
         let out_rate = gbps(out, t);
@@ -337,8 +339,16 @@ fn real_gpu_swap_moves_at_least_40_gb_per_second_when_warm() {
             "cycle {cycle}: {} MiB out {out_rate:.1} GB/s, in {in_rate:.1} GB/s",
             out >> 20
         );
-        warm = (out_rate, in_rate);
+        if cycle > 0 {
+            warm_out.push(out_rate);
+            warm_in.push(in_rate);
+        }
     }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    let warm = (median(&mut warm_out), median(&mut warm_in));
     for &(d, size, value) in &allocs {
         let bytes = read(&mut ctx, d, size as usize);
         let ok = bytes
@@ -348,7 +358,7 @@ fn real_gpu_swap_moves_at_least_40_gb_per_second_when_warm() {
     }
     assert!(
         warm.0 >= 40.0 && warm.1 >= 40.0,
-        "warm swap out {:.1} GB/s, in {:.1} GB/s: below 40",
+        "warm swap out {:.1} GB/s, in {:.1} GB/s (medians): below 40",
         warm.0,
         warm.1
     );
