@@ -6,7 +6,8 @@
  *                        cuMemRelease, per 2 MiB chunk (mean over 512 chunks)
  *   vmm_native pin       pinning 4 GiB of host memory in 64 MiB slabs, the cost a cold swap-out
  *                        pays: cuMemHostAlloc, and anonymous memory (transparent huge pages
- *                        asked for, pages touched first) registered with cuMemHostRegister
+ *                        asked for, faulted in first) registered with cuMemHostRegister, as the
+ *                        backend's swap reserve pins
  *   vmm_native pattern   the allocation pattern of PyTorch's caching allocator (segments of
  *                        2 MiB for small blocks, 20 MiB for medium ones, large ones rounded up
  *                        to 2 MiB) with cuMemAlloc/cuMemFree: also run through a slice, where
@@ -103,7 +104,9 @@ static void pin_bench(size_t total) {
             exit(1);
         }
         madvise(p[i], SLAB, MADV_HUGEPAGE);
-        memset(p[i], 0, SLAB);
+        if (madvise(p[i], SLAB, 23 /* MADV_POPULATE_WRITE, as the swap reserve */) != 0) {
+            memset(p[i], 0, SLAB);
+        }
         double b = now_s();
         CK(cuMemHostRegister(p[i], SLAB, CU_MEMHOSTREGISTER_PORTABLE));
         touch += b - a;

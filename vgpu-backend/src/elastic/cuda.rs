@@ -45,6 +45,8 @@ pub const SYMBOLS: &[&str] = &[
     "cuMemFreeHost",
     "cuCtxPushCurrent_v2",
     "cuCtxPopCurrent_v2",
+    "cuMemHostRegister_v2",
+    "cuMemHostUnregister",
     "cuStreamCreate",
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
