@@ -7,7 +7,7 @@
 #
 # Steps: nvidia-smi -L; compile the C programs against the real driver; PTX for
 # saxpy_reduce with nvcc; start dist/bin/vgpu-backend on cuda:0 (RUST_LOG=info); run
-# tests/c/driver_api_client (if present, VGPU_EXPECT_EXECUTION=1) and
+# tests/c/driver_api_client and tests/c/link_client (if present) and
 # tests/gpu/saxpy_reduce natively and through the slice and compare their stdout
 # (identical -> PASS); tests/gpu/cudart_check.sh (nvcc programs with static cudart, native
 # vs slice, when a source tree is beside dist/); then bench/run.sh. Logs, the backend's log and the benchmark
@@ -151,26 +151,30 @@ compile() { # name source [extra gcc args]
     return 1
 }
 
-CLIENT_SRC=$DIST/tests/c/driver_api_client.c
-HAVE_CLIENT=0
-if [ -e "$CLIENT_SRC" ]; then
-    # It is written against tests/c/include/cuda.h (classic names: CUDA 13's cuda.h maps
-    # cuCtxCreate to the 4-argument cuCtxCreate_v4); the real header is the fallback.
-    if [ -d "$DIST/tests/c/include" ] &&
-        CUDA_INC=$DIST/tests/c/include compile_c "$BIN/driver_api_client" \
-            "$LOGS/compile-driver_api_client.log" "$CLIENT_SRC" -I"$DIST/tests/c"; then
-        record "compile driver_api_client" PASS "with tests/c/include"
-        HAVE_CLIENT=1
-    elif compile_c "$BIN/driver_api_client" "$LOGS/compile-driver_api_client-cuda-h.log" \
-        "$CLIENT_SRC" -I"$DIST/tests/c"; then
-        record "compile driver_api_client" PASS "with $CUDA_INC"
-        HAVE_CLIENT=1
-    else
-        record "compile driver_api_client" FAIL "see logs/compile-driver_api_client*.log"
+# compile_client NAME: tests/c/NAME.c, written against tests/c/include/cuda.h (classic
+# names: CUDA 13's cuda.h maps cuCtxCreate to the 4-argument cuCtxCreate_v4); the real
+# header is the fallback. Returns non-zero if it is missing or does not compile.
+compile_client() {
+    local name=$1 src=$DIST/tests/c/$1.c
+    if [ ! -e "$src" ]; then
+        record "$name" WARN "tests/c/$name.c not in dist: not run"
+        return 1
     fi
-else
-    record "driver_api_client" WARN "tests/c/driver_api_client.c not in dist: not run"
-fi
+    if [ -d "$DIST/tests/c/include" ] &&
+        CUDA_INC=$DIST/tests/c/include compile_c "$BIN/$name" \
+            "$LOGS/compile-$name.log" "$src" -I"$DIST/tests/c"; then
+        record "compile $name" PASS "with tests/c/include"
+    elif compile_c "$BIN/$name" "$LOGS/compile-$name-cuda-h.log" "$src" -I"$DIST/tests/c"; then
+        record "compile $name" PASS "with $CUDA_INC"
+    else
+        record "compile $name" FAIL "see logs/compile-$name*.log"
+        return 1
+    fi
+}
+HAVE_CLIENT=0
+compile_client driver_api_client && HAVE_CLIENT=1
+HAVE_LINK_CLIENT=0
+compile_client link_client && HAVE_LINK_CLIENT=1
 compile saxpy_reduce "$DIST/tests/gpu/saxpy_reduce.c" -I"$DIST/bench" -I"$DIST/tests/gpu"
 for b in roundtrip launch bandwidth; do
     compile "$b" "$DIST/bench/$b.c" -I"$DIST/bench"
@@ -266,6 +270,11 @@ if [ "$HAVE_CLIENT" -eq 1 ]; then
     # INFO lines carry timings and memory sizes that differ by nature. The native driver
     # keeps ~2 MiB of lazily made internal allocations, hence the slack there only.
     differential driver_api_client '^INFO ' "VGPU_MEM_SLACK_BYTES=4194304" "$BIN/driver_api_client"
+fi
+if [ "$HAVE_LINK_CLIENT" -eq 1 ]; then
+    # The JIT linker (cuLinkCreate/AddData/Complete, as cuDNN's runtime-compiled engines
+    # use it) and cooperative launches. INFO lines carry sizes, times and log text.
+    differential link_client '^INFO ' "" "$BIN/link_client"
 fi
 if [ -x "$BIN/saxpy_reduce" ]; then
     differential saxpy_reduce "" "" "$BIN/saxpy_reduce" "$PTX"

@@ -464,8 +464,8 @@ static void test_launch_ex(CUstream s) {
     memset(&attr, 0, sizeof attr);
     attr.id = CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
     attr.value.cooperative = 1;
-    check_rc(cuLaunchKernelEx(&cfg, g_step, params, NULL), CUDA_ERROR_NOT_SUPPORTED,
-             "cooperative cuLaunchKernelEx is NOT_SUPPORTED");
+    check_rc(cuLaunchKernelEx(&cfg, g_step, params, NULL), CUDA_SUCCESS,
+             "cooperative cuLaunchKernelEx is launched");
     memset(&attr, 0, sizeof attr);
     attr.id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
     attr.value.clusterDim.x = 2;

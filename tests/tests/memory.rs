@@ -82,8 +82,8 @@ fn billed_memory(sched: &SchedulerProcess, tenant: &str) -> (u128, u128) {
         .fold((0, 0), |(r, s), line| {
             let f: Vec<&str> = line.split(',').collect();
             (
-                r + f[resident].parse::<u128>().unwrap(),
-                s + f[swapped].parse::<u128>().unwrap(),
+                r + f[resident].parse::<u128>().expect("resident byte-ns"),
+                s + f[swapped].parse::<u128>().expect("swapped byte-ns"),
             )
         })
 }
@@ -278,7 +278,7 @@ fn meminfo(client: &mut Client) -> (u64, u64) {
     let nums: Vec<u64> = line
         .split_whitespace()
         .skip(1)
-        .map(|n| n.parse().unwrap())
+        .map(|n| n.parse().expect("a MEMINFO number"))
         .collect();
     (nums[0], nums[1])
 }

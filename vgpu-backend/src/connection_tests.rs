@@ -496,6 +496,32 @@ fn functions_carry_their_layout_and_launches_check_the_parameter_size() {
 }
 
 #[test]
+fn cooperative_launches_are_validated_against_what_fits_on_the_device_at_once() {
+    let mut t = Harness::new(MIB);
+    let s = t.open();
+    let c = t.context(s);
+    let m = module(&mut t, s, c);
+    let (_, body) = t.call(s, c, Request::GetFunction(symbol(m, "saxpy"), b"saxpy"));
+    let function = u64::from_le_bytes(body[..8].try_into().unwrap());
+    let params = [0u8; 24];
+    let mut req = launch(function, 0, 24);
+    req.grid = [132.into(), 1.into(), 1.into()];
+    let coop = |t: &mut Harness, req: LaunchReq| {
+        t.call_flags(s, c, FLAG_COOPERATIVE, Request::Launch(req, &params))
+            .0
+    };
+    assert_eq!(coop(&mut t, req), Status::SUCCESS);
+    // 32 threads per block: at most 32 blocks on each of 132 SMs.
+    req.grid = [132 * 32 + 1, 1, 1].map(Into::into);
+    assert_eq!(coop(&mut t, req), Status::COOPERATIVE_LAUNCH_TOO_LARGE);
+    assert_eq!(
+        t.status(s, c, Request::Launch(req, &params)),
+        Status::SUCCESS,
+        "the same grid launches without the flag"
+    );
+}
+
+#[test]
 fn module_globals_are_copyable_until_unload() {
     let mut t = Harness::new(MIB);
     let s = t.open();

@@ -33,6 +33,7 @@ pub mod guest;
 pub mod memctl;
 pub mod metering;
 pub mod ops;
+mod ops_link;
 pub mod queue;
 pub mod reply;
 pub mod reporting;

@@ -3,7 +3,7 @@
 use vgpu_spec::wire::{
     EventElapsedReq, FunctionResp, GlobalResp, LaunchReq, MemcpyDtoDReq, MemcpyHostReq, MemsetReq,
     ModuleSymbolReq, ParamInfo, ReqHeader, SgEntry, StreamWaitEventReq, CLUSTER_DIMS_BYTES,
-    FLAG_ASYNC, FLAG_CLUSTER, FLAG_TRANSIENT_SOURCE,
+    FLAG_ASYNC, FLAG_CLUSTER, FLAG_COOPERATIVE, FLAG_TRANSIENT_SOURCE,
 };
 use vgpu_spec::{Request, Status};
 
@@ -12,7 +12,7 @@ use crate::guest::{host_buffers, GuestMemoryMmap};
 use crate::reply::Reply;
 use crate::session::{fresh_handle, layout_end, Function, Owned, Session};
 
-type OpResult = Result<Reply, Status>;
+pub(crate) type OpResult = Result<Reply, Status>;
 
 fn symbol_name(name: &[u8]) -> Result<&str, Status> {
     std::str::from_utf8(name).map_err(|_| Status::INVALID_VALUE)
@@ -86,6 +86,7 @@ impl Session {
             }
             Request::GetFunction(r, name) => self.get_function(r, name),
             Request::GetGlobal(r, name) => self.get_global(r, name),
+            Request::ModuleLink(r, parts) => self.module_link(r, parts, current, mem),
             Request::Launch(r, params) => self.launch(r, params, flags),
             Request::StreamCreate(r) => {
                 let raw = self
@@ -384,9 +385,14 @@ impl Session {
         // A kernel the executor runs before returning (emulated timed
         // kernels) charges its GPU time to this thread.
         let charged = crate::metering::thread_gpu_ns();
-        let launched = match cluster {
-            Some(cluster) => ctx.launch_cluster(f.raw, config, cluster, stream, params, &f.layout),
-            None => ctx.launch(f.raw, config, stream, params, &f.layout),
+        let launched = match (flags & FLAG_COOPERATIVE != 0, cluster) {
+            (true, cluster) => {
+                ctx.launch_cooperative(f.raw, config, cluster, stream, params, &f.layout)
+            }
+            (false, Some(cluster)) => {
+                ctx.launch_cluster(f.raw, config, cluster, stream, params, &f.layout)
+            }
+            (false, None) => ctx.launch(f.raw, config, stream, params, &f.layout),
         };
         self.meter
             .add_gpu_ns(crate::metering::thread_gpu_ns().wrapping_sub(charged));

@@ -2,8 +2,8 @@
 
 use vgpu_spec::response;
 use vgpu_spec::wire::{
-    DeviceInfoResp, ElapsedResp, FunctionResp, GlobalResp, HandleResp, MemInfoResp, ParamInfo,
-    SessionOpenResp, ValueResp,
+    DeviceInfoResp, ElapsedResp, FunctionResp, GlobalResp, HandleResp, LinkResp, MemInfoResp,
+    ParamInfo, SessionOpenResp, ValueResp,
 };
 use vgpu_spec::Status;
 use zerocopy::little_endian::I32;
@@ -35,6 +35,8 @@ pub enum Reply {
     DeviceInfo(DeviceInfoResp, Vec<I32>),
     /// A function attribute or occupancy answer ([`ValueResp`]).
     Value(i64),
+    /// The outcome of a JIT link ([`LinkResp`]).
+    Link(LinkResp),
 }
 
 /// Encodes a request's outcome into `out` (cleared first). Failures carry a
@@ -98,6 +100,7 @@ pub fn encode(result: Result<Reply, Status>, request_id: u64, out: &mut Vec<u8>)
             &[],
             out,
         ),
+        Ok(Reply::Link(resp)) => response::encode(ok, request_id, &resp, &[], out),
     }
 }
 

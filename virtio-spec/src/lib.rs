@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod fatbin;
+pub mod link;
 pub mod request;
 pub mod response;
 pub mod status;
@@ -69,5 +70,11 @@ pub const MAX_SYMBOL_NAME: u32 = 4096;
 pub const MAX_PARAMS: u32 = 4096;
 /// The number of device attribute slots returned by `GET_DEVICE_INFO`.
 pub const DEVICE_ATTRIBUTE_SLOTS: u32 = 160;
+/// The most inputs one `MODULE_LINK` request may carry.
+pub const MAX_LINK_INPUTS: u32 = 256;
+/// The most JIT options one `MODULE_LINK` request may carry.
+pub const MAX_JIT_OPTIONS: u32 = 64;
+/// The largest log area of a `MODULE_LINK` request.
+pub const MAX_LINK_LOG: u32 = 1 << 20;
 /// The largest request chain (readable part) the device accepts.
 pub const MAX_REQUEST_BYTES: u64 = MAX_MODULE_IMAGE + 4096;

@@ -8,6 +8,7 @@
 use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use crate::link::LinkParts;
 use crate::wire::*;
 use crate::Status;
 
@@ -118,10 +119,12 @@ pub enum Request<'a> {
     FuncSetAttribute(FuncAttributeReq),
     /// `FUNC_OCCUPANCY`.
     FuncOccupancy(OccupancyReq),
+    /// `MODULE_LINK`.
+    ModuleLink(LinkReq, LinkParts<'a>),
 }
 
 /// Reads a fixed struct from the front of `bytes`.
-fn take<T: FromBytes + KnownLayout + Immutable + Copy>(
+pub(crate) fn take<T: FromBytes + KnownLayout + Immutable + Copy>(
     bytes: &[u8],
 ) -> Result<(T, &[u8]), DecodeError> {
     T::read_from_prefix(bytes).map_err(|_| DecodeError::Truncated {
@@ -140,7 +143,7 @@ fn only<T: FromBytes + KnownLayout + Immutable + Copy>(bytes: &[u8]) -> Result<T
 }
 
 /// Checks that `rest` is exactly `len` bytes.
-fn exact<'b>(
+pub(crate) fn exact<'b>(
     rest: &'b [u8],
     len: u64,
     field: &'static str,
@@ -311,6 +314,10 @@ impl<'a> Request<'a> {
             op::FUNC_GET_ATTRIBUTE => Request::FuncGetAttribute(only(b)?),
             op::FUNC_SET_ATTRIBUTE => Request::FuncSetAttribute(only(b)?),
             op::FUNC_OCCUPANCY => Request::FuncOccupancy(only(b)?),
+            op::MODULE_LINK => {
+                let (req, parts) = crate::link::decode(b)?;
+                Request::ModuleLink(req, parts)
+            }
             other => return Err(DecodeError::UnknownOpcode(other)),
         })
     }
@@ -351,6 +358,7 @@ impl<'a> Request<'a> {
             Request::FuncGetAttribute(_) => op::FUNC_GET_ATTRIBUTE,
             Request::FuncSetAttribute(_) => op::FUNC_SET_ATTRIBUTE,
             Request::FuncOccupancy(_) => op::FUNC_OCCUPANCY,
+            Request::ModuleLink(..) => op::MODULE_LINK,
         }
     }
 
@@ -401,6 +409,10 @@ impl<'a> Request<'a> {
             Request::EventElapsed(r) => put(out, r),
             Request::FuncGetAttribute(r) | Request::FuncSetAttribute(r) => put(out, r),
             Request::FuncOccupancy(r) => put(out, r),
+            Request::ModuleLink(r, parts) => {
+                put(out, r);
+                parts.encode(out);
+            }
         }
     }
 
@@ -491,6 +503,11 @@ mod tests {
             param_bytes: 12.into(),
         };
         let image = b"// ptx\0";
+        let link_inputs = [LinkInput {
+            kind: crate::wire::jit_input::PTX.into(),
+            name_len: 0.into(),
+            data_len: (image.len() as u64).into(),
+        }];
         let cases: Vec<Request<'_>> = vec![
             Request::GetDeviceInfo,
             Request::SessionOpen(SessionOpenReq {
@@ -575,8 +592,24 @@ mod tests {
                 shared_mem: 200_000.into(),
                 ..OccupancyReq::default()
             }),
+            Request::ModuleLink(
+                LinkReq {
+                    input_count: 1.into(),
+                    data_len: (image.len() as u64).into(),
+                    out_len: 64.into(),
+                    error_log_len: 16.into(),
+                    nsegs: 1.into(),
+                    ..LinkReq::default()
+                },
+                LinkParts {
+                    options: &[],
+                    inputs: &link_inputs,
+                    segs: &segs[..1],
+                    data: image,
+                },
+            ),
         ];
-        assert_eq!(cases.len(), 32);
+        assert_eq!(cases.len(), 33);
         for req in cases {
             round_trip(req.clone(), 0);
             round_trip(req, FLAG_ASYNC);

@@ -59,6 +59,8 @@ pub mod op {
     pub const MODULE_GET_FUNCTION: u32 = 0x0302;
     /// Look up a module global.
     pub const MODULE_GET_GLOBAL: u32 = 0x0303;
+    /// Link inputs with the JIT linker into one image ([`super::LinkReq`]).
+    pub const MODULE_LINK: u32 = 0x0304;
 
     /// Launch a kernel.
     pub const LAUNCH_KERNEL: u32 = 0x0400;
@@ -133,8 +135,13 @@ pub const FLAG_CLUSTER: u32 = 1 << 2;
 /// Bytes of cluster dimensions that precede the parameters under
 /// [`FLAG_CLUSTER`].
 pub const CLUSTER_DIMS_BYTES: usize = 12;
+/// Request flag, on `LAUNCH_KERNEL`: a cooperative launch
+/// (`cuLaunchCooperativeKernel`, `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`): every
+/// block of the grid must be resident at once. May be combined with
+/// [`FLAG_CLUSTER`].
+pub const FLAG_COOPERATIVE: u32 = 1 << 3;
 /// All request flags this version defines.
-pub const KNOWN_FLAGS: u32 = FLAG_ASYNC | FLAG_TRANSIENT_SOURCE | FLAG_CLUSTER;
+pub const KNOWN_FLAGS: u32 = FLAG_ASYNC | FLAG_TRANSIENT_SOURCE | FLAG_CLUSTER | FLAG_COOPERATIVE;
 
 /// Module image kinds (informational; the device detects the format).
 pub mod image {
@@ -487,5 +494,92 @@ wire! {
     ValueResp (8) {
         /// The attribute's value or the query's answer.
         value: I64,
+    }
+}
+
+/// `MODULE_LINK` input kinds: `CUjitInputType` values.
+pub mod jit_input {
+    /// `CU_JIT_INPUT_CUBIN`.
+    pub const CUBIN: u32 = 0;
+    /// `CU_JIT_INPUT_PTX` (NUL-terminated text).
+    pub const PTX: u32 = 1;
+    /// `CU_JIT_INPUT_FATBINARY`.
+    pub const FATBINARY: u32 = 2;
+    /// `CU_JIT_INPUT_OBJECT` (a host object holding device code).
+    pub const OBJECT: u32 = 3;
+    /// `CU_JIT_INPUT_LIBRARY` (an archive of the above).
+    pub const LIBRARY: u32 = 4;
+    /// `CU_JIT_INPUT_NVVM` (LTO IR).
+    pub const NVVM: u32 = 5;
+}
+
+wire! {
+    /// `MODULE_LINK` body. Followed by `option_count` [`JitOption`], then
+    /// `input_count` [`LinkInput`], then `nsegs` [`SgEntry`] (the output
+    /// buffer in guest memory), then `data_len` bytes: for each input in
+    /// order, its name (`name_len` bytes) and then its data (`data_len`
+    /// bytes).
+    LinkReq (40) {
+        /// Number of [`LinkInput`] that follow the options.
+        input_count: U32,
+        /// Number of [`JitOption`] that follow this body.
+        option_count: U32,
+        /// Bytes of names and input data at the end of the request.
+        data_len: U64,
+        /// Bytes of output buffer: equals the sum of the entries' lengths.
+        out_len: U64,
+        /// Bytes at the start of the output buffer for the info log.
+        info_log_len: U32,
+        /// Bytes after the info log area for the error log.
+        error_log_len: U32,
+        /// Number of [`SgEntry`] describing the output buffer.
+        nsegs: U32,
+        /// Reserved, zero.
+        _pad: U32,
+    }
+}
+
+wire! {
+    /// One JIT option of a `MODULE_LINK` request: a `CUjit_option` with an
+    /// integer value.
+    JitOption (16) {
+        /// The `CUjit_option`.
+        option: U32,
+        /// Reserved, zero.
+        _pad: U32,
+        /// Its value (options of type `unsigned int` or `int`: the low 32
+        /// bits).
+        value: U64,
+    }
+}
+
+wire! {
+    /// One input of a `MODULE_LINK` request.
+    LinkInput (16) {
+        /// One of [`jit_input`] (`CUjitInputType`).
+        kind: U32,
+        /// Bytes of name (no NUL) in the data area; 0 for none.
+        name_len: U32,
+        /// Bytes of input data in the data area, after the name.
+        data_len: U64,
+    }
+}
+
+wire! {
+    /// `MODULE_LINK` response.
+    LinkResp (24) {
+        /// Bytes of the linked image. It was written at the start of the
+        /// image area only if it fits there; otherwise nothing was written
+        /// and the driver retries with an image area of at least this size.
+        image_len: U64,
+        /// The linker's `CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES` output.
+        info_log_used: U32,
+        /// The linker's `CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES` output.
+        error_log_used: U32,
+        /// The linker's `CU_JIT_WALL_TIME` output: milliseconds as IEEE-754
+        /// binary32 bits.
+        wall_ms_bits: U32,
+        /// Reserved, zero.
+        _pad: U32,
     }
 }

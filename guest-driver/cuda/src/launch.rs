@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::ffi::{c_int, c_uint, c_void};
 
-use vgpu_spec::wire::{LaunchReq, CLUSTER_DIMS_BYTES, FLAG_CLUSTER};
+use vgpu_spec::wire::{LaunchReq, CLUSTER_DIMS_BYTES, FLAG_CLUSTER, FLAG_COOPERATIVE};
 use vgpu_spec::{Request, Status};
 
 use crate::ctx::session_ctx;
@@ -147,7 +147,7 @@ pub(crate) unsafe fn launch(
             f,
             grid,
             block,
-            None,
+            LaunchMode::default(),
             shared_mem_bytes,
             h_stream,
             kernel_params,
@@ -156,24 +156,39 @@ pub(crate) unsafe fn launch(
     }
 }
 
-/// The packed trailing bytes of a launch: with cluster dimensions, those
-/// (`FLAG_CLUSTER`) and then the parameters.
-fn launch_payload(cluster: Option<[u32; 3]>, params: &[u8]) -> (u32, Cow<'_, [u8]>) {
-    match cluster {
-        None => (0, Cow::Borrowed(params)),
+/// How a launch runs beyond its geometry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LaunchMode {
+    /// In thread block clusters of this many blocks.
+    pub cluster: Option<[u32; 3]>,
+    /// Cooperative: every block resident at once.
+    pub cooperative: bool,
+}
+
+/// The flags and packed trailing bytes of a launch: with cluster
+/// dimensions, those (`FLAG_CLUSTER`) and then the parameters;
+/// `FLAG_COOPERATIVE` for a cooperative launch.
+fn launch_payload(mode: LaunchMode, params: &[u8]) -> (u32, Cow<'_, [u8]>) {
+    let cooperative = if mode.cooperative {
+        FLAG_COOPERATIVE
+    } else {
+        0
+    };
+    match mode.cluster {
+        None => (cooperative, Cow::Borrowed(params)),
         Some(dims) => {
             let mut bytes = Vec::with_capacity(CLUSTER_DIMS_BYTES + params.len());
             for d in dims {
                 bytes.extend_from_slice(&d.to_le_bytes());
             }
             bytes.extend_from_slice(params);
-            (FLAG_CLUSTER, Cow::Owned(bytes))
+            (FLAG_CLUSTER | cooperative, Cow::Owned(bytes))
         }
     }
 }
 
-/// [`launch`], in thread block clusters of `cluster` blocks when given
-/// (a capture does not record clusters: it is refused there).
+/// [`launch`], in thread block clusters and/or cooperative as `mode` says
+/// (a capture records neither: such a launch is refused there).
 ///
 /// # Safety
 /// As [`param_block`] for `kernel_params` / `extra`.
@@ -182,15 +197,17 @@ pub(crate) unsafe fn launch_in(
     f: CUfunction,
     grid: [c_uint; 3],
     block: [c_uint; 3],
-    cluster: Option<[u32; 3]>,
+    mode: LaunchMode,
     shared_mem_bytes: c_uint,
     h_stream: CUstream,
     kernel_params: *const *const c_void,
     extra: *const *const c_void,
 ) -> CuResult<()> {
     let (drv, ctx) = session_ctx()?;
-    if cluster.is_some() && crate::capture::record_all(h_stream, Vec::new)? {
-        crate::logging::warn_once("capturing thread block cluster launches is not supported");
+    if mode != LaunchMode::default() && crate::capture::record_all(h_stream, Vec::new)? {
+        crate::logging::warn_once(
+            "capturing thread block cluster or cooperative launches is not supported",
+        );
         return Err(Status::NOT_SUPPORTED);
     }
     let f = crate::library::as_function(f)?;
@@ -214,7 +231,7 @@ pub(crate) unsafe fn launch_in(
     if recorded {
         return Ok(());
     }
-    let (flags, payload) = launch_payload(cluster, &params);
+    let (flags, payload) = launch_payload(mode, &params);
     let req = LaunchReq {
         function: function.into(),
         stream: stream.into(),
@@ -223,7 +240,14 @@ pub(crate) unsafe fn launch_in(
         shared_mem: shared_mem_bytes.into(),
         param_bytes: (payload.len() as u32).into(),
     };
-    drv.submit(ctx, flags, &Request::Launch(req, &payload), None)
+    let launch = Request::Launch(req, &payload);
+    if mode.cooperative {
+        // As natively, a grid that cannot be resident at once fails at the
+        // launch itself (COOPERATIVE_LAUNCH_TOO_LARGE): wait for the
+        // device's answer, which comes once the kernel is queued.
+        return drv.call(ctx, flags, &launch, &mut Vec::new());
+    }
+    drv.submit(ctx, flags, &launch, None)
 }
 
 /// `cuLaunchKernel`.
@@ -278,11 +302,32 @@ mod tests {
 
     #[test]
     fn cluster_dimensions_precede_the_parameters_under_the_cluster_flag() {
-        let (flags, payload) = launch_payload(None, &[1, 2, 3]);
+        let (flags, payload) = launch_payload(LaunchMode::default(), &[1, 2, 3]);
         assert_eq!((flags, &payload[..]), (0, &[1u8, 2, 3][..]));
-        let (flags, payload) = launch_payload(Some([2, 1, 1]), &[9]);
+        let clusters = LaunchMode {
+            cluster: Some([2, 1, 1]),
+            cooperative: false,
+        };
+        let (flags, payload) = launch_payload(clusters, &[9]);
         assert_eq!(flags, FLAG_CLUSTER);
         assert_eq!(&payload[..], &[2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 9]);
+    }
+
+    #[test]
+    fn cooperative_launches_carry_the_cooperative_flag_with_or_without_clusters() {
+        let coop = LaunchMode {
+            cluster: None,
+            cooperative: true,
+        };
+        let (flags, payload) = launch_payload(coop, &[7]);
+        assert_eq!((flags, &payload[..]), (FLAG_COOPERATIVE, &[7u8][..]));
+        let both = LaunchMode {
+            cluster: Some([2, 1, 1]),
+            cooperative: true,
+        };
+        let (flags, payload) = launch_payload(both, &[7]);
+        assert_eq!(flags, FLAG_CLUSTER | FLAG_COOPERATIVE);
+        assert_eq!(payload.len(), CLUSTER_DIMS_BYTES + 1);
     }
     use crate::module::Param;
 

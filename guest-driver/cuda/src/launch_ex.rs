@@ -2,8 +2,10 @@
 //! that are only hints (priority, cache and scheduling preferences,
 //! programmatic stream serialization, memory sync domains) are accepted and
 //! ignored, which keeps the launch's meaning; cluster dimensions are sent
-//! with the launch (`FLAG_CLUSTER`); cooperative launches and the
-//! event-triggering attributes are refused with `CUDA_ERROR_NOT_SUPPORTED`.
+//! with the launch (`FLAG_CLUSTER`), and so is a cooperative launch
+//! (`FLAG_COOPERATIVE`); the event-triggering attributes are refused with
+//! `CUDA_ERROR_NOT_SUPPORTED`. Also `cuLaunchCooperativeKernel`, the same
+//! cooperative launch.
 
 use std::ffi::{c_uint, c_void};
 
@@ -11,7 +13,7 @@ use vgpu_spec::Status;
 
 use crate::capture::per_thread;
 use crate::errors::{guard, non_null, CuResult};
-use crate::launch::launch_in;
+use crate::launch::{launch_in, LaunchMode};
 use crate::types::{CUfunction, CUresult, CUstream};
 
 /// `CUlaunchAttribute`: an id, padding, and a 64-byte value union.
@@ -72,10 +74,10 @@ impl CUlaunchAttribute {
 }
 
 /// Accepts the attributes that keep a plain launch's meaning, and returns
-/// the cluster dimensions if the launch asks for clusters of more than one
-/// block.
-pub(crate) fn check_attributes(attrs: &[CUlaunchAttribute]) -> CuResult<Option<[u32; 3]>> {
-    let mut cluster = None;
+/// how the launch runs: in clusters if it asks for clusters of more than
+/// one block, cooperative if it asks for that.
+pub(crate) fn check_attributes(attrs: &[CUlaunchAttribute]) -> CuResult<LaunchMode> {
+    let mut mode = LaunchMode::default();
     for attr in attrs {
         match attr.id {
             ATTR_IGNORE
@@ -90,18 +92,13 @@ pub(crate) fn check_attributes(attrs: &[CUlaunchAttribute]) -> CuResult<Option<[
             | ATTR_DEVICE_UPDATABLE_KERNEL_NODE
             | ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT
             | ATTR_NVLINK_UTIL_CENTRIC_SCHEDULING => {}
-            ATTR_COOPERATIVE => {
-                if attr.word(0) != 0 {
-                    crate::logging::warn_once("cooperative launches are not supported");
-                    return Err(Status::NOT_SUPPORTED);
-                }
-            }
+            ATTR_COOPERATIVE => mode.cooperative = attr.word(0) != 0,
             ATTR_CLUSTER_DIMENSION => {
                 let dims = [attr.word(0), attr.word(1), attr.word(2)];
                 if dims.contains(&0) {
                     return Err(Status::INVALID_VALUE);
                 }
-                cluster = dims.iter().any(|&d| d > 1).then_some(dims);
+                mode.cluster = dims.iter().any(|&d| d > 1).then_some(dims);
             }
             ATTR_PROGRAMMATIC_EVENT | ATTR_LAUNCH_COMPLETION_EVENT => {
                 crate::logging::warn_once(&format!(
@@ -113,7 +110,7 @@ pub(crate) fn check_attributes(attrs: &[CUlaunchAttribute]) -> CuResult<Option<[
             _ => return Err(Status::INVALID_VALUE),
         }
     }
-    Ok(cluster)
+    Ok(mode)
 }
 
 /// The most attributes one launch may carry (native has no documented
@@ -143,7 +140,7 @@ unsafe fn launch_ex(
         // SAFETY: per the API `attrs` holds `num_attrs` attributes.
         unsafe { std::slice::from_raw_parts(config.attrs, count) }
     };
-    let cluster = check_attributes(attrs)?;
+    let mode = check_attributes(attrs)?;
     let stream = if ptsz {
         per_thread(config.stream)
     } else {
@@ -156,7 +153,7 @@ unsafe fn launch_ex(
             f,
             config.grid_dim,
             config.block_dim,
-            cluster,
+            mode,
             config.shared_mem_bytes,
             stream,
             kernel_params.cast_const().cast(),
@@ -187,6 +184,92 @@ pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
 ) -> CUresult {
     // SAFETY: forwards the caller's pointers under the same contract.
     guard(|| unsafe { launch_ex(config, f, kernel_params, extra, true) })
+}
+
+/// # Safety
+/// As `cuLaunchCooperativeKernel`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_cooperative(
+    f: CUfunction,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared_mem_bytes: c_uint,
+    stream: CUstream,
+    kernel_params: *mut *mut c_void,
+) -> CuResult<()> {
+    let mode = LaunchMode {
+        cluster: None,
+        cooperative: true,
+    };
+    // SAFETY: per the API, `kernel_params` holds the function's parameters.
+    unsafe {
+        launch_in(
+            f,
+            grid,
+            block,
+            mode,
+            shared_mem_bytes,
+            stream,
+            kernel_params.cast_const().cast(),
+            std::ptr::null(),
+        )
+    }
+}
+
+/// `cuLaunchCooperativeKernel`: every block resident at once
+/// (`CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE` when the grid cannot be).
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel(
+    f: CUfunction,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    shared_mem_bytes: c_uint,
+    h_stream: CUstream,
+    kernel_params: *mut *mut c_void,
+) -> CUresult {
+    // SAFETY: forwards the caller's pointers under the same contract.
+    guard(|| unsafe {
+        launch_cooperative(
+            f,
+            [grid_x, grid_y, grid_z],
+            [block_x, block_y, block_z],
+            shared_mem_bytes,
+            h_stream,
+            kernel_params,
+        )
+    })
+}
+
+/// `cuLaunchCooperativeKernel_ptsz`: on the per-thread default stream when
+/// given the default stream.
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
+    f: CUfunction,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    shared_mem_bytes: c_uint,
+    h_stream: CUstream,
+    kernel_params: *mut *mut c_void,
+) -> CUresult {
+    // SAFETY: forwards the caller's pointers under the same contract.
+    guard(|| unsafe {
+        launch_cooperative(
+            f,
+            [grid_x, grid_y, grid_z],
+            [block_x, block_y, block_z],
+            shared_mem_bytes,
+            per_thread(h_stream),
+            kernel_params,
+        )
+    })
 }
 
 #[cfg(test)]
@@ -226,14 +309,28 @@ mod tests {
             attr(ATTR_CLUSTER_DIMENSION, &[1, 1, 1]),
             attr(ATTR_IGNORE, &[]),
         ];
-        assert_eq!(check_attributes(&attrs), Ok(None));
-        assert_eq!(check_attributes(&[]), Ok(None));
+        assert_eq!(check_attributes(&attrs), Ok(LaunchMode::default()));
+        assert_eq!(check_attributes(&[]), Ok(LaunchMode::default()));
     }
 
     #[test]
-    fn cooperative_and_event_attributes_are_not_supported() {
-        for a in [
+    fn the_cooperative_attribute_makes_a_cooperative_launch() {
+        let mode = check_attributes(&[
             attr(ATTR_COOPERATIVE, &[1]),
+            attr(ATTR_CLUSTER_DIMENSION, &[2, 1, 1]),
+        ]);
+        assert_eq!(
+            mode,
+            Ok(LaunchMode {
+                cluster: Some([2, 1, 1]),
+                cooperative: true,
+            })
+        );
+    }
+
+    #[test]
+    fn event_attributes_are_not_supported() {
+        for a in [
             attr(ATTR_PROGRAMMATIC_EVENT, &[0]),
             attr(ATTR_LAUNCH_COMPLETION_EVENT, &[0]),
         ] {
@@ -243,13 +340,17 @@ mod tests {
 
     #[test]
     fn cluster_dimensions_above_one_block_are_launched_as_clusters() {
+        let clusters = |dims| LaunchMode {
+            cluster: Some(dims),
+            cooperative: false,
+        };
         assert_eq!(
             check_attributes(&[attr(ATTR_CLUSTER_DIMENSION, &[2, 1, 1])]),
-            Ok(Some([2, 1, 1]))
+            Ok(clusters([2, 1, 1]))
         );
         assert_eq!(
             check_attributes(&[attr(ATTR_CLUSTER_DIMENSION, &[1, 1, 4])]),
-            Ok(Some([1, 1, 4]))
+            Ok(clusters([1, 1, 4]))
         );
         assert_eq!(
             check_attributes(&[attr(ATTR_CLUSTER_DIMENSION, &[0, 1, 1])]),

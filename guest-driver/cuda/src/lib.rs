@@ -38,6 +38,8 @@ mod integrity;
 mod launch;
 mod launch_ex;
 mod library;
+mod link;
+mod link_state;
 mod logging;
 mod memory;
 mod mempool;

@@ -17,8 +17,8 @@ use crate::unsupported;
 #[allow(clippy::wildcard_imports)]
 use crate::{
     capture_api::*, copy::*, copy_generic::*, ctx::*, device::*, errors::*, event::*, graph::*,
-    launch::*, launch_ex::*, memory::*, mempool::*, module::*, pointer_attr::*, priority::*,
-    stream::*,
+    launch::*, launch_ex::*, link::*, memory::*, mempool::*, module::*, pointer_attr::*,
+    priority::*, stream::*,
 };
 
 macro_rules! exports {
@@ -156,6 +156,16 @@ exports!(
     cuEventDestroy_v2,
     cuLaunchKernelEx,
     cuLaunchKernelEx_ptsz,
+    cuLaunchCooperativeKernel,
+    cuLaunchCooperativeKernel_ptsz,
+    cuLinkCreate,
+    cuLinkCreate_v2,
+    cuLinkAddData,
+    cuLinkAddData_v2,
+    cuLinkAddFile,
+    cuLinkAddFile_v2,
+    cuLinkComplete,
+    cuLinkDestroy,
     cuCtxGetStreamPriorityRange,
     cuStreamGetPriority,
     cuStreamGetPriority_ptsz,
@@ -304,6 +314,60 @@ mod tests {
     }
 
     #[test]
+    fn link_and_cooperative_launch_resolve_as_the_driver_does() {
+        // cuDNN asks with the versions these entry points appeared in.
+        assert_eq!(
+            resolve("cuLinkCreate", 5050, 0),
+            Ok(cuLinkCreate as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLinkCreate", 6050, 0),
+            Ok(cuLinkCreate_v2 as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLinkAddData", 5050, 0),
+            Ok(cuLinkAddData as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLinkAddData", 12000, 0),
+            Ok(cuLinkAddData_v2 as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLinkAddFile", 5050, 0),
+            Ok(cuLinkAddFile as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLinkAddFile", 6050, 2),
+            Ok(cuLinkAddFile_v2 as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLinkComplete", 5050, 0),
+            Ok(cuLinkComplete as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLinkDestroy", 5050, 0),
+            Ok(cuLinkDestroy as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLaunchCooperativeKernel", 9000, 0),
+            Ok(cuLaunchCooperativeKernel as *mut c_void)
+        );
+        assert_eq!(
+            resolve("cuLaunchCooperativeKernel", 9000, 2),
+            Ok(cuLaunchCooperativeKernel_ptsz as *mut c_void)
+        );
+        for name in [
+            "cuLinkCreate",
+            "cuLinkAddData",
+            "cuLinkComplete",
+            "cuLinkDestroy",
+        ] {
+            let ptr = exported(name).unwrap();
+            assert!(!unsupported::is_stub(ptr), "{name} is a real entry point");
+        }
+    }
+
+    #[test]
     fn per_thread_stream_flag_resolves_to_the_ptsz_export() {
         assert_eq!(
             resolve("cuLaunchKernel", 7000, 2),
@@ -361,6 +425,7 @@ mod tests {
             include_str!("capture_api.rs"),
             include_str!("graph.rs"),
             include_str!("launch_ex.rs"),
+            include_str!("link.rs"),
             include_str!("priority.rs"),
             include_str!("copy.rs"),
             include_str!("ctx.rs"),

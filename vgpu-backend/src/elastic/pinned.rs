@@ -128,12 +128,13 @@ fn pin_slab(ctx: PinContext, chunks: usize) -> GpuResult<Slab> {
             let mut p: *mut std::ffi::c_void = ptr::null_mut();
             // SAFETY: p is a valid out-pointer; PORTABLE makes the memory pinned for every
             // context.
-            check(unsafe { cu::cuMemHostAlloc(&mut p, bytes, cu::CU_MEMHOSTALLOC_PORTABLE) })
-                .map(|()| Slab {
+            check(unsafe { cu::cuMemHostAlloc(&mut p, bytes, cu::CU_MEMHOSTALLOC_PORTABLE) }).map(
+                |()| Slab {
                     ptr: p.cast(),
                     chunks,
                     pinned: Pinned::HostAlloc,
-                })
+                },
+            )
         }
     };
     let mut popped: cu::CUcontext = ptr::null_mut();

@@ -38,12 +38,13 @@ use crate::elastic::{self, CudaChunks, ElasticHeap};
 use crate::metering::SessionMeter;
 use crate::throttle::Throttle;
 
+use super::cuda_func::{aligned_image, aligned_params};
 use super::cuda_identity::{log_library_path, read_identity, REQUIRED_SYMBOLS};
 use super::inflight::SharedTracker;
 use super::{cuda_func, ptx};
 use super::{
-    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, MemoryUsage, OccupancyQuery,
-    ParamLayout, RawHandle, StreamRef,
+    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, LinkJob, Linked,
+    MemoryUsage, OccupancyQuery, ParamLayout, RawHandle, StreamRef,
 };
 
 /// Why a CUDA device could not be opened.
@@ -179,6 +180,7 @@ impl CudaGpu {
         for &name in REQUIRED_SYMBOLS
             .iter()
             .chain(super::cuda_func::SYMBOLS)
+            .chain(super::cuda_link::SYMBOLS)
             .chain(elastic::cuda::SYMBOLS)
         {
             // SAFETY: looks a symbol up without calling or typing it.
@@ -384,32 +386,6 @@ impl Drop for CudaContext {
     }
 }
 
-/// Copies `bytes` into 8-byte aligned storage with at least one trailing
-/// zero byte, so the driver sees an aligned image and PTX text always ends
-/// in a NUL.
-fn aligned_image(bytes: &[u8]) -> Vec<u64> {
-    let mut words = vec![0u64; bytes.len() / 8 + 1];
-    words.as_mut_bytes()[..bytes.len()].copy_from_slice(bytes);
-    words
-}
-
-/// Copies a packed parameter block into aligned storage `words` (reused),
-/// after checking that every parameter lies inside it.
-fn aligned_params(words: &mut Vec<u64>, params: &[u8], layout: &[ParamLayout]) -> GpuResult<()> {
-    let fits = layout.iter().all(|p| {
-        (p.offset as usize)
-            .checked_add(p.size as usize)
-            .is_some_and(|end| end <= params.len())
-    });
-    if !fits {
-        return Err(Status::INVALID_VALUE);
-    }
-    words.clear();
-    words.resize(params.len() / 8 + 1, 0);
-    words.as_mut_bytes()[..params.len()].copy_from_slice(params);
-    Ok(())
-}
-
 impl CudaContext {
     /// Copies `params` into the aligned parameter buffer and returns the
     /// `kernelParams` array pointing at each parameter (NULL for none).
@@ -431,6 +407,32 @@ impl CudaContext {
         } else {
             self.param_ptrs.as_mut_ptr()
         })
+    }
+
+    /// A launch through `cuLaunchKernelEx`: `how` is (thread block cluster, cooperative).
+    fn launch_extended(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        (cluster, cooperative): (Option<[u32; 3]>, bool),
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        self.enter_work(stream)?;
+        let kernel_params = self.kernel_params(params, layout)?;
+        // SAFETY: as `launch`: the parameter pointers point into
+        // `param_words`, which outlives the call; the handles are live.
+        unsafe {
+            cuda_func::launch_ex(
+                from_handle(function),
+                &config,
+                cluster,
+                cooperative,
+                stream_ptr(stream),
+                kernel_params,
+            )
+        }
     }
 
     fn enter(&self) -> GpuResult<()> {
@@ -459,11 +461,6 @@ impl CudaContext {
         // SAFETY: the stream handle was validated by the session layer.
         check(unsafe { cu::cuStreamSynchronize(stream_ptr(stream)) })
     }
-}
-
-/// Device address `base + offset`, or INVALID_VALUE on overflow.
-fn device_offset(base: u64, offset: usize) -> GpuResult<u64> {
-    base.checked_add(offset as u64).ok_or(Status::INVALID_VALUE)
 }
 
 impl GpuContext for CudaContext {
@@ -501,50 +498,7 @@ impl GpuContext for CudaContext {
         asynchronous: bool,
         snapshot: bool,
     ) -> GpuResult<()> {
-        self.enter_work(stream)?;
-        let s = stream_ptr(stream);
-        if asynchronous && snapshot {
-            // The source is a bounce buffer the guest reuses once we answer:
-            // copy it into pageable memory, which the driver stages before
-            // cuMemcpyHtoDAsync returns, so `staged` may be dropped after.
-            let total = src
-                .iter()
-                .try_fold(0usize, |acc, b| acc.checked_add(b.len()));
-            let total = total.ok_or(Status::INVALID_VALUE)?;
-            let mut staged = Vec::new();
-            staged
-                .try_reserve_exact(total)
-                .map_err(|_| Status::OUT_OF_MEMORY)?;
-            staged.resize(total, 0u8);
-            let mut at = 0;
-            for buf in src {
-                buf.read_at(0, &mut staged[at..at + buf.len()])?;
-                at += buf.len();
-            }
-            // SAFETY: staged holds total bytes and outlives the call.
-            return check(unsafe {
-                cu::cuMemcpyHtoDAsync_v2(dst, staged.as_ptr().cast(), total, s)
-            });
-        }
-        let queued = asynchronous || stream.is_some();
-        let mut offset = 0usize;
-        for buf in src {
-            let to = device_offset(dst, offset)?;
-            // SAFETY: HostBuf guarantees its range stays mapped for as long
-            // as any queued work may read it.
-            check(unsafe {
-                if queued {
-                    cu::cuMemcpyHtoDAsync_v2(to, buf.ptr().cast(), buf.len(), s)
-                } else {
-                    cu::cuMemcpyHtoD_v2(to, buf.ptr().cast(), buf.len())
-                }
-            })?;
-            offset = offset.checked_add(buf.len()).ok_or(Status::INVALID_VALUE)?;
-        }
-        if queued {
-            self.finish(stream, asynchronous)?;
-        }
-        Ok(())
+        self.htod(dst, src, stream, asynchronous, snapshot)
     }
 
     fn memcpy_dtoh(
@@ -554,27 +508,7 @@ impl GpuContext for CudaContext {
         stream: StreamRef,
         asynchronous: bool,
     ) -> GpuResult<()> {
-        self.enter_work(stream)?;
-        let s = stream_ptr(stream);
-        let queued = asynchronous || stream.is_some();
-        let mut offset = 0usize;
-        for buf in dst {
-            let from = device_offset(src, offset)?;
-            // SAFETY: HostBuf guarantees its range stays mapped and
-            // writable for as long as any queued work may write it.
-            check(unsafe {
-                if queued {
-                    cu::cuMemcpyDtoHAsync_v2(buf.ptr().cast(), from, buf.len(), s)
-                } else {
-                    cu::cuMemcpyDtoH_v2(buf.ptr().cast(), from, buf.len())
-                }
-            })?;
-            offset = offset.checked_add(buf.len()).ok_or(Status::INVALID_VALUE)?;
-        }
-        if queued {
-            self.finish(stream, asynchronous)?;
-        }
-        Ok(())
+        self.dtoh(dst, src, stream, asynchronous)
     }
 
     fn memcpy_dtod(
@@ -733,18 +667,26 @@ impl GpuContext for CudaContext {
         params: &[u8],
         layout: &[ParamLayout],
     ) -> GpuResult<()> {
-        self.enter_work(stream)?;
-        let kernel_params = self.kernel_params(params, layout)?;
-        // SAFETY: as `launch`: the parameter pointers point into
-        // `param_words`, which outlives the call; the handles are live.
-        unsafe {
-            cuda_func::launch_cluster(
-                from_handle(function),
-                &config,
-                cluster,
-                stream_ptr(stream),
-                kernel_params,
-            )
+        let how = (Some(cluster), false);
+        self.launch_extended(function, config, how, stream, params, layout)
+    }
+
+    fn launch_cooperative(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        cluster: Option<[u32; 3]>,
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        self.launch_extended(function, config, (cluster, true), stream, params, layout)
+    }
+
+    fn link(&mut self, job: &LinkJob<'_>) -> Linked {
+        match self.enter() {
+            Ok(()) => super::cuda_link::link(job),
+            Err(status) => Linked::failed(status),
         }
     }
 
@@ -865,6 +807,9 @@ impl GpuContext for CudaContext {
         }
     }
 }
+
+#[path = "cuda_copy.rs"]
+mod copy;
 
 #[cfg(test)]
 #[path = "cuda_tests.rs"]

@@ -11,7 +11,8 @@ use vgpu_spec::wire::occupancy;
 use vgpu_spec::Status;
 
 use super::cuda::check;
-use super::{GpuResult, LaunchConfig, OccupancyQuery};
+use super::{GpuResult, LaunchConfig, OccupancyQuery, ParamLayout};
+use zerocopy::IntoBytes;
 
 /// The driver functions this module calls (checked at open).
 pub(super) const SYMBOLS: &[&str] = &[
@@ -102,24 +103,33 @@ pub(super) fn occupancy(func: cu::CUfunction, q: &OccupancyQuery) -> GpuResult<i
     }
 }
 
-/// A launch in thread block clusters of `cluster` blocks
-/// (`cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`).
+/// A launch through `cuLaunchKernelEx`: in thread block clusters of
+/// `cluster` blocks when given (`CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`),
+/// cooperative when asked (`CU_LAUNCH_ATTRIBUTE_COOPERATIVE`, as
+/// `cuLaunchCooperativeKernel`).
 ///
 /// # Safety
 /// `func` and `stream` are live handles of the current context and
 /// `kernel_params` is NULL or points at one pointer per parameter, each to
 /// a value that stays valid for the call.
-pub(super) unsafe fn launch_cluster(
+pub(super) unsafe fn launch_ex(
     func: cu::CUfunction,
     config: &LaunchConfig,
-    cluster: [u32; 3],
+    cluster: Option<[u32; 3]>,
+    cooperative: bool,
     stream: cu::CUstream,
     kernel_params: *mut *mut std::ffi::c_void,
 ) -> GpuResult<()> {
-    if cluster.contains(&0) {
-        return Err(Status::INVALID_VALUE);
+    let mut attrs = Vec::with_capacity(2);
+    if let Some(cluster) = cluster {
+        if cluster.contains(&0) {
+            return Err(Status::INVALID_VALUE);
+        }
+        attrs.push(cluster_attribute(cluster));
     }
-    let mut attr = cluster_attribute(cluster);
+    if cooperative {
+        attrs.push(cooperative_attribute());
+    }
     let [gx, gy, gz] = config.grid;
     let [bx, by, bz] = config.block;
     let launch = cu::CUlaunchConfig {
@@ -131,12 +141,27 @@ pub(super) unsafe fn launch_cluster(
         blockDimZ: bz,
         sharedMemBytes: config.shared_mem,
         hStream: stream,
-        attrs: &mut attr,
-        numAttrs: 1,
+        attrs: if attrs.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            attrs.as_mut_ptr()
+        },
+        // At most two attributes.
+        numAttrs: attrs.len() as u32,
     };
-    // SAFETY: the configuration and its attribute outlive the call; the
+    // SAFETY: the configuration and its attributes outlive the call; the
     // caller guarantees the handles and the parameter array.
     check(unsafe { cu::cuLaunchKernelEx(&launch, func, kernel_params, std::ptr::null_mut()) })
+}
+
+/// A `CU_LAUNCH_ATTRIBUTE_COOPERATIVE` attribute set to 1.
+fn cooperative_attribute() -> cu::CUlaunchAttribute {
+    // SAFETY: the attribute is plain data (an id and a union of integers
+    // and pointers), for which all zero bits are a valid value.
+    let mut attr: cu::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = cu::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+    attr.value.cooperative = 1;
+    attr
 }
 
 /// A `CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION` attribute.
@@ -183,6 +208,36 @@ fn cluster_query(func: cu::CUfunction, q: &OccupancyQuery) -> GpuResult<i64> {
         }
     })?;
     Ok(answer.into())
+}
+
+/// Copies `bytes` into 8-byte aligned storage with at least one trailing
+/// zero byte, so the driver sees an aligned image and PTX text always ends
+/// in a NUL.
+pub(super) fn aligned_image(bytes: &[u8]) -> Vec<u64> {
+    let mut words = vec![0u64; bytes.len() / 8 + 1];
+    words.as_mut_bytes()[..bytes.len()].copy_from_slice(bytes);
+    words
+}
+
+/// Copies a packed parameter block into aligned storage `words` (reused),
+/// after checking that every parameter lies inside it.
+pub(super) fn aligned_params(
+    words: &mut Vec<u64>,
+    params: &[u8],
+    layout: &[ParamLayout],
+) -> GpuResult<()> {
+    let fits = layout.iter().all(|p| {
+        (p.offset as usize)
+            .checked_add(p.size as usize)
+            .is_some_and(|end| end <= params.len())
+    });
+    if !fits {
+        return Err(Status::INVALID_VALUE);
+    }
+    words.clear();
+    words.resize(params.len() / 8 + 1, 0);
+    words.as_mut_bytes()[..params.len()].copy_from_slice(params);
+    Ok(())
 }
 
 #[cfg(test)]

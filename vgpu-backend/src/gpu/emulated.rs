@@ -29,8 +29,8 @@ use vgpu_spec::{Status, DEVICE_ATTRIBUTE_SLOTS};
 use super::ptx::{self, ImageKind};
 use super::timed::{self, EmulatedClock};
 use super::{
-    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, MemoryUsage, ParamLayout,
-    RawHandle, StreamRef,
+    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, LinkJob, Linked,
+    MemoryUsage, ParamLayout, RawHandle, StreamRef,
 };
 use crate::elastic;
 use mem::{ContextMemory, Owner};
@@ -51,7 +51,7 @@ const CU_EVENT_INTERPROCESS: u32 = 0x4;
 
 /// (`CUdevice_attribute` id, value) pairs of the emulated device, modelled
 /// on an H100 SXM. Features the protocol does not offer (managed memory,
-/// memory pools, cooperative and cluster launch, VMM) read 0.
+/// cluster launch, VMM) read 0.
 const ATTRIBUTES: &[(usize, i32)] = &[
     (1, 1024),        // MAX_THREADS_PER_BLOCK
     (2, 1024),        // MAX_BLOCK_DIM_X
@@ -96,6 +96,7 @@ const ATTRIBUTES: &[(usize, i32)] = &[
     (82, 65536),  // MAX_REGISTERS_PER_MULTIPROCESSOR
     (87, 2),      // SINGLE_TO_DOUBLE_PRECISION_PERF_RATIO
     (90, 1),      // COMPUTE_PREEMPTION_SUPPORTED
+    (95, 1),      // COOPERATIVE_LAUNCH
     (97, 232448), // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
     (106, 32),    // MAX_BLOCKS_PER_MULTIPROCESSOR
     (111, 1024),  // RESERVED_SHARED_MEMORY_PER_BLOCK
@@ -354,6 +355,21 @@ fn check_cluster(config: &LaunchConfig, cluster: [u32; 3]) -> GpuResult<()> {
         Ok(())
     } else {
         Err(Status::INVALID_VALUE)
+    }
+}
+
+/// The driver's rule for cooperative launches: every block resident at
+/// once, here at most 32 blocks and 2048 threads per multiprocessor (the
+/// occupancy limits of the modelled H100, ignoring registers and shared
+/// memory) on 132 multiprocessors.
+fn check_cooperative(config: &LaunchConfig) -> GpuResult<()> {
+    let threads: u64 = config.block.iter().map(|&b| u64::from(b)).product();
+    let per_sm = (2048 / threads.max(1)).min(32);
+    let blocks: u64 = config.grid.iter().map(|&g| u64::from(g)).product();
+    if blocks <= per_sm * 132 {
+        Ok(())
+    } else {
+        Err(Status::COOPERATIVE_LAUNCH_TOO_LARGE)
     }
 }
 
@@ -645,6 +661,31 @@ impl GpuContext for EmulatedContext {
     ) -> GpuResult<()> {
         check_cluster(&config, cluster)?;
         self.launch(function, config, stream, params, layout)
+    }
+
+    /// A cooperative launch: the grid must fit on the device at once
+    /// ([`check_cooperative`]), clusters as for a cluster launch; then as a
+    /// launch (not executed).
+    fn launch_cooperative(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        cluster: Option<[u32; 3]>,
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        check_launch_config(&config)?;
+        check_cooperative(&config)?;
+        if let Some(cluster) = cluster {
+            check_cluster(&config, cluster)?;
+        }
+        self.launch(function, config, stream, params, layout)
+    }
+
+    /// One PTX input is its own linked image ([`super::link::single_image`]).
+    fn link(&mut self, job: &LinkJob<'_>) -> Linked {
+        super::link::single_image(job)
     }
 
     fn stream_create(&mut self, flags: u32, _priority: i32) -> GpuResult<RawHandle> {

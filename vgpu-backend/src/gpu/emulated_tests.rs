@@ -601,3 +601,55 @@ fn cluster_launches_need_dimensions_that_divide_the_grid_and_fit_a_portable_clus
         Err(Status::INVALID_VALUE)
     );
 }
+
+#[test]
+fn cooperative_launches_larger_than_the_device_holds_at_once_are_refused() {
+    let (_gpu, mut ctx) = ctx(1 << 30);
+    let module = ctx.module_load(PTX.as_bytes()).unwrap();
+    let (f, _) = ctx.get_function(module, "noargs").unwrap();
+    let fits = LaunchConfig {
+        grid: [132 * 8, 1, 1],
+        block: [256, 1, 1],
+        shared_mem: 0,
+    };
+    assert_eq!(
+        ctx.launch_cooperative(f, fits, None, None, &[], &[]),
+        Ok(())
+    );
+    let too_many = LaunchConfig {
+        grid: [132 * 8 + 1, 1, 1],
+        ..fits
+    };
+    assert_eq!(
+        ctx.launch_cooperative(f, too_many, None, None, &[], &[]),
+        Err(Status::COOPERATIVE_LAUNCH_TOO_LARGE)
+    );
+    assert_eq!(
+        ctx.launch_cooperative(f, fits, Some([5, 1, 1]), None, &[], &[]),
+        Err(Status::INVALID_VALUE),
+        "clusters must divide the grid"
+    );
+    assert_eq!(
+        ctx.launch_cooperative(f, fits, None, Some(99), &[], &[]),
+        Err(Status::INVALID_HANDLE)
+    );
+    assert_eq!(gpu_attribute_cooperative(), 1);
+}
+
+fn gpu_attribute_cooperative() -> i32 {
+    EmulatedGpu::new(1 << 20).identity().attributes[95]
+}
+
+#[test]
+fn a_linked_ptx_image_loads_as_a_module() {
+    let (_gpu, mut ctx) = ctx(1 << 30);
+    let input = vgpu_spec::link::InputData {
+        kind: vgpu_spec::wire::jit_input::PTX,
+        name: b"saxpy.ptx",
+        data: PTX.as_bytes(),
+    };
+    let job = LinkJob::new([input].into_iter(), &[], 0, 0).unwrap();
+    let image = ctx.link(&job).result.unwrap();
+    let module = ctx.module_load(&image).unwrap();
+    assert!(ctx.get_function(module, "noargs").is_ok());
+}

@@ -19,7 +19,8 @@ use std::collections::HashSet;
 use vgpu_spec::Status;
 
 use super::{
-    GpuContext, GpuResult, HostBuf, LaunchConfig, MemoryUsage, ParamLayout, RawHandle, StreamRef,
+    GpuContext, GpuResult, HostBuf, LaunchConfig, LinkJob, Linked, MemoryUsage, ParamLayout,
+    RawHandle, StreamRef,
 };
 
 /// The entry point of the faulting kernel.
@@ -70,6 +71,18 @@ impl<C: GpuContext> Faulting<C> {
     /// The sticky error, if the context is poisoned.
     pub fn poisoned(&self) -> Option<Status> {
         self.poisoned
+    }
+}
+
+impl<C> Faulting<C> {
+    /// After an accepted launch: a `vgpu_fault` kernel poisons the context.
+    fn after_launch(&mut self, function: RawHandle, params: &[u8]) -> GpuResult<()> {
+        if self.fault_functions.contains(&function) {
+            let status = fault_status(params).ok_or(Status::INVALID_VALUE)?;
+            tracing::info!(%status, "A vgpu_fault kernel poisoned its context");
+            self.poisoned = Some(status);
+        }
+        Ok(())
     }
 }
 
@@ -187,12 +200,29 @@ impl<C: GpuContext> GpuContext for Faulting<C> {
         layout: &[ParamLayout],
     ) -> GpuResult<()> {
         healthy!(self).launch(function, config, stream, params, layout)?;
-        if self.fault_functions.contains(&function) {
-            let status = fault_status(params).ok_or(Status::INVALID_VALUE)?;
-            tracing::info!(%status, "A vgpu_fault kernel poisoned its context");
-            self.poisoned = Some(status);
+        self.after_launch(function, params)
+    }
+
+    /// A cooperative `vgpu_fault` launch poisons the context as a plain
+    /// one does.
+    fn launch_cooperative(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        cluster: Option<[u32; 3]>,
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        healthy!(self).launch_cooperative(function, config, cluster, stream, params, layout)?;
+        self.after_launch(function, params)
+    }
+
+    fn link(&mut self, job: &LinkJob<'_>) -> Linked {
+        match self.poisoned {
+            Some(status) => Linked::failed(status),
+            None => self.inner.link(job),
         }
-        Ok(())
     }
 
     fn stream_create(&mut self, flags: u32, priority: i32) -> GpuResult<RawHandle> {

@@ -11,9 +11,11 @@
 pub mod cuda;
 mod cuda_func;
 mod cuda_identity;
+mod cuda_link;
 pub mod emulated;
 pub mod emulated_card;
 mod inflight;
+pub mod link;
 pub mod ptx;
 pub mod timed;
 
@@ -22,6 +24,7 @@ use std::sync::Arc;
 use vgpu_spec::Status;
 
 use crate::metering::SessionMeter;
+pub use link::{LinkJob, Linked};
 
 /// Results of executor calls carry the `CUresult` to return to the guest.
 pub type GpuResult<T> = Result<T, Status>;
@@ -297,6 +300,31 @@ pub trait GpuContext: Send {
     ) -> GpuResult<()> {
         let _ = (function, config, cluster, stream, params, layout);
         Err(Status::NOT_SUPPORTED)
+    }
+
+    /// Launches a cooperative kernel (`LAUNCH_KERNEL` with
+    /// `FLAG_COOPERATIVE`): every block resident at once, in thread block
+    /// clusters of `cluster` blocks when given. Executors without
+    /// cooperative launches refuse.
+    fn launch_cooperative(
+        &mut self,
+        function: RawHandle,
+        config: LaunchConfig,
+        cluster: Option<[u32; 3]>,
+        stream: StreamRef,
+        params: &[u8],
+        layout: &[ParamLayout],
+    ) -> GpuResult<()> {
+        let _ = (function, config, cluster, stream, params, layout);
+        Err(Status::NOT_SUPPORTED)
+    }
+
+    /// Links `job`'s inputs into one image with the JIT linker
+    /// (`MODULE_LINK`) for this context's device. The outcome carries the
+    /// logs whatever the result. Executors without a linker refuse.
+    fn link(&mut self, job: &LinkJob<'_>) -> Linked {
+        let _ = job;
+        Linked::failed(Status::NOT_SUPPORTED)
     }
 
     /// Reads a `CUfunction_attribute` of a function.

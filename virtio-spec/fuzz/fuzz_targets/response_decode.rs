@@ -9,8 +9,8 @@ use std::mem::size_of;
 use libfuzzer_sys::fuzz_target;
 use vgpu_spec::response::{encode, encode_status};
 use vgpu_spec::wire::{
-    DeviceInfoResp, ElapsedResp, FunctionResp, GlobalResp, HandleResp, MemInfoResp, ParamInfo,
-    SessionOpenResp,
+    DeviceInfoResp, ElapsedResp, FunctionResp, GlobalResp, HandleResp, LinkResp, MemInfoResp,
+    ParamInfo, SessionOpenResp, ValueResp,
 };
 use vgpu_spec::Response;
 use zerocopy::little_endian::I32;
@@ -92,6 +92,8 @@ fuzz_target!(|data: &[u8]| {
     check_fixed::<MemInfoResp>(&resp, data);
     check_fixed::<GlobalResp>(&resp, data);
     check_fixed::<ElapsedResp>(&resp, data);
+    check_fixed::<ValueResp>(&resp, data);
+    check_fixed::<LinkResp>(&resp, data);
     if let Some((f, rest)) = check_fixed::<FunctionResp>(&resp, data) {
         check_array::<ParamInfo>(rest, f.param_count.get() as usize);
     }
