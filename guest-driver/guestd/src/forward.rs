@@ -6,9 +6,11 @@
 //! huge pages goes to the device by physical address, anything else is
 //! bounced through the DMA heap (an asynchronous device-to-host copy that
 //! bounces is made synchronous, so the data is in place before the client
-//! hears back). Every other request is copied to DMA memory unchanged.
+//! hears back). A link's output buffer is always bounced ([`link_relay`]).
+//! Every other request is copied to DMA memory unchanged.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -25,9 +27,12 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::device_queue::{DeviceError, DeviceLink};
 use crate::dma::DmaError;
-use crate::heap::{HeapError, BLOCK};
+use crate::heap::{DmaBuf, HeapError, BLOCK};
 use crate::sg::{self, Backing, Chunk, Piece};
 use crate::stats::Stats;
+
+#[path = "link_relay.rs"]
+mod link_relay;
 
 /// The client memory type (what vhost-user-backend maps).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
@@ -166,6 +171,15 @@ impl<L: DeviceLink + ?Sized> Client<L> {
                 };
                 self.copy(&job, segs, out)
             }
+            Request::ModuleLink(body, parts) => {
+                let job = link_relay::LinkJob {
+                    queue,
+                    header,
+                    resp_cap,
+                    mem,
+                };
+                self.link(&job, &body, &parts, out)
+            }
             _ => {
                 self.forward(queue, request, resp_cap, out)?;
                 let status = response::Response::decode(out).map(|r| r.status()).ok();
@@ -214,13 +228,26 @@ impl<L: DeviceLink + ?Sized> Client<L> {
             .alloc(resp_at + resp_len)
             .map_err(|e| self.device_failed(e))?;
         buf.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+        self.exchange(queue, &buf, (0, bytes.len()), (resp_at, resp_len), out)
+    }
+
+    /// Sends the request at `req` (offset, length) of `buf` with the
+    /// response area at `resp`, and puts the device's answer in `out`.
+    fn exchange(
+        &self,
+        queue: u16,
+        buf: &DmaBuf,
+        req: (usize, usize),
+        resp: (usize, usize),
+        out: &mut Vec<u8>,
+    ) -> Result<(), Status> {
         let used = self
             .link
-            .transact(queue, &buf, (0, bytes.len()), (resp_at, resp_len))
+            .transact(queue, buf, req, resp)
             .map_err(|e| self.device_failed(e))?;
-        let used = (used as usize).min(resp_len);
+        let used = (used as usize).min(resp.1);
         out.clear();
-        out.extend_from_slice(&buf.as_slice()[resp_at..resp_at + used]);
+        out.extend_from_slice(&buf.as_slice()[resp.0..resp.0 + used]);
         Ok(())
     }
 
@@ -321,7 +348,6 @@ impl<L: DeviceLink + ?Sized> Client<L> {
             .alloc(resp_at + RESP_HEADER)
             .map_err(|e| self.device_failed(e))?;
         let mut entries: Vec<SgEntry> = Vec::with_capacity(max_entries);
-        let mut phys = Vec::new();
         let mut at = 0usize;
         for piece in &chunk.pieces {
             match *piece {
@@ -329,22 +355,21 @@ impl<L: DeviceLink + ?Sized> Client<L> {
                     gpa: phys.into(),
                     len: len.into(),
                 }),
-                Piece::Bounce { gpa, len } => {
+                Piece::Bounce { len, .. } => {
                     let n = len as usize;
-                    if htod {
-                        mem.read_slice(&mut buf.as_mut_slice()[at..at + n], GuestAddress(gpa))
-                            .map_err(|_| Status::INVALID_VALUE)?;
-                    }
-                    phys.clear();
-                    buf.segments(at, n, &mut phys)
+                    dma_entries(&buf, at..at + n, &mut entries)
                         .map_err(|e| self.device_failed(e.into()))?;
-                    entries.extend(phys.iter().map(|&(p, l)| SgEntry {
-                        gpa: p.into(),
-                        len: l.into(),
-                    }));
                     at += n;
                 }
             }
+        }
+        if htod {
+            bounce_in(
+                mem,
+                &chunk.pieces,
+                0..chunk.bounce,
+                &mut buf.as_mut_slice()[..bounce_len],
+            )?;
         }
         let req_body = MemcpyHostReq {
             device_ptr: device_ptr.into(),
@@ -381,15 +406,12 @@ impl<L: DeviceLink + ?Sized> Client<L> {
         };
         self.stats.copied(chunk.direct, chunk.bounce);
         if status == Status::SUCCESS && !htod {
-            let mut at = 0usize;
-            for piece in &chunk.pieces {
-                if let Piece::Bounce { gpa, len } = *piece {
-                    let n = len as usize;
-                    mem.write_slice(&buf.as_slice()[at..at + n], GuestAddress(gpa))
-                        .map_err(|_| Status::INVALID_VALUE)?;
-                    at += n;
-                }
-            }
+            bounce_out(
+                mem,
+                &chunk.pieces,
+                0..chunk.bounce,
+                &buf.as_slice()[..bounce_len],
+            )?;
         }
         Ok(status)
     }
@@ -436,6 +458,57 @@ impl<L: DeviceLink + ?Sized> Client<L> {
         }
         closed
     }
+}
+
+/// Appends the device-visible entries of `range` of `buf`.
+fn dma_entries(
+    buf: &DmaBuf,
+    range: Range<usize>,
+    entries: &mut Vec<SgEntry>,
+) -> Result<(), DmaError> {
+    let mut phys = Vec::new();
+    buf.segments(range.start, range.len(), &mut phys)?;
+    entries.extend(phys.iter().map(|&(p, l)| SgEntry {
+        gpa: p.into(),
+        len: l.into(),
+    }));
+    Ok(())
+}
+
+/// Fills `range` of a bounce buffer (`area`, where the bounced pieces lie
+/// end to end) from the client's memory.
+fn bounce_in(
+    mem: &GuestMemoryMmap,
+    pieces: &[Piece],
+    range: Range<u64>,
+    area: &mut [u8],
+) -> Result<(), Status> {
+    for (gpa, at, len) in sg::bounced_parts(pieces, range) {
+        let dst = area
+            .get_mut(at as usize..(at + len) as usize)
+            .ok_or(Status::INVALID_VALUE)?;
+        mem.read_slice(dst, GuestAddress(gpa))
+            .map_err(|_| Status::INVALID_VALUE)?;
+    }
+    Ok(())
+}
+
+/// Copies `range` of a bounce buffer (`area`, where the bounced pieces lie
+/// end to end) back into the client's memory.
+fn bounce_out(
+    mem: &GuestMemoryMmap,
+    pieces: &[Piece],
+    range: Range<u64>,
+    area: &[u8],
+) -> Result<(), Status> {
+    for (gpa, at, len) in sg::bounced_parts(pieces, range) {
+        let src = area
+            .get(at as usize..(at + len) as usize)
+            .ok_or(Status::INVALID_VALUE)?;
+        mem.write_slice(src, GuestAddress(gpa))
+            .map_err(|_| Status::INVALID_VALUE)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

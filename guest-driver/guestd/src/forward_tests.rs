@@ -1,7 +1,7 @@
 use super::*;
 use crate::dma::HUGE_PAGE;
 use crate::testutil::{request, FakeLink};
-use vgpu_spec::wire::{CtxCreateReq, SessionOpenReq};
+use vgpu_spec::wire::{CtxCreateReq, LinkReq, LinkResp, SessionOpenReq};
 use vgpu_spec::Response;
 
 const PLAIN_GPA: u64 = 0x4000_0000;
@@ -32,7 +32,7 @@ fn status_of(out: &[u8]) -> Status {
 }
 
 /// Opens a session through `c`; returns its id.
-fn open(c: &Client<FakeLink>, mem: &GuestMemoryMmap) -> u64 {
+fn open<L: DeviceLink + ?Sized>(c: &Client<L>, mem: &GuestMemoryMmap) -> u64 {
     let req = request(
         &Request::SessionOpen(SessionOpenReq {
             pid: 1.into(),
@@ -52,14 +52,17 @@ fn open(c: &Client<FakeLink>, mem: &GuestMemoryMmap) -> u64 {
         .get()
 }
 
-fn copy_req(htod: bool, dptr: u64, segs: &[(u64, u64)], session: u64, flags: u32) -> Vec<u8> {
-    let entries: Vec<SgEntry> = segs
-        .iter()
+fn sg_entries(segs: &[(u64, u64)]) -> Vec<SgEntry> {
+    segs.iter()
         .map(|&(gpa, len)| SgEntry {
             gpa: gpa.into(),
             len: len.into(),
         })
-        .collect();
+        .collect()
+}
+
+fn copy_req(htod: bool, dptr: u64, segs: &[(u64, u64)], session: u64, flags: u32) -> Vec<u8> {
+    let entries = sg_entries(segs);
     let body = MemcpyHostReq {
         device_ptr: dptr.into(),
         stream: 0.into(),
@@ -387,4 +390,342 @@ fn hugetlb_memfd_regions_are_recognised_and_plain_ones_are_not() {
     }
     let anon = client_mem();
     assert_eq!(hugetlb_page_size(anon.iter().next().unwrap()), None);
+}
+
+/// What the fake linker writes and answers.
+struct LinkScript {
+    status: Status,
+    info: &'static [u8],
+    error: &'static [u8],
+    image: Vec<u8>,
+}
+
+/// What the fake saw of one link request.
+#[derive(Debug, Clone)]
+struct SeenLink {
+    flags: u32,
+    out_len: u64,
+    entries: Vec<(u64, u64)>,
+}
+
+/// A device that links: `MODULE_LINK` is answered here, writing the
+/// script's logs and image where the request's entries point ("physical"
+/// addresses are pointers, as for [`FakeLink`]); everything else goes to
+/// the [`FakeLink`].
+struct LinkingDevice {
+    inner: Arc<FakeLink>,
+    script: LinkScript,
+    seen: Mutex<Vec<SeenLink>>,
+    /// Every DMA buffer handed out: (address, length).
+    bufs: Mutex<Vec<(u64, u64)>>,
+}
+
+impl LinkScript {
+    /// A link that succeeds with no logs and an empty image.
+    fn quiet() -> LinkScript {
+        LinkScript {
+            status: Status::SUCCESS,
+            info: b"",
+            error: b"",
+            image: Vec::new(),
+        }
+    }
+}
+
+/// A linking device with a heap of `heap_blocks` blocks, a client of it
+/// with the usual client memory, and a session the client opened.
+fn linking(
+    heap_blocks: usize,
+    script: LinkScript,
+) -> (
+    Arc<LinkingDevice>,
+    Client<LinkingDevice>,
+    GuestMemoryMmap,
+    u64,
+) {
+    let dev = Arc::new(LinkingDevice {
+        inner: FakeLink::new(heap_blocks, 8192),
+        script,
+        seen: Mutex::new(Vec::new()),
+        bufs: Mutex::new(Vec::new()),
+    });
+    let mem = client_mem();
+    let c = Client::new(1, Arc::clone(&dev), Arc::new(Stats::default()), classify());
+    let s = open(&c, &mem);
+    (dev, c, mem, s)
+}
+
+impl LinkingDevice {
+    /// Writes `bytes` at `offset` of the buffer the entries make up.
+    fn write_out(entries: &[SgEntry], mut offset: u64, bytes: &[u8]) {
+        let mut bytes = bytes;
+        for e in entries {
+            let len = e.len.get();
+            if offset >= len {
+                offset -= len;
+                continue;
+            }
+            let n = bytes.len().min((len - offset) as usize);
+            let p = (e.gpa.get() + offset) as usize as *mut u8;
+            // SAFETY: "physical" addresses are pointers into this process
+            // (the identity-mapped DMA heap), and the entry covers `n` bytes
+            // from `offset`.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, n) };
+            bytes = &bytes[n..];
+            offset = 0;
+            if bytes.is_empty() {
+                return;
+            }
+        }
+        assert!(bytes.is_empty(), "write past the output buffer");
+    }
+
+    fn link(&self, header: &ReqHeader, req: &LinkReq, segs: &[SgEntry], out: &mut Vec<u8>) {
+        self.seen.lock().unwrap().push(SeenLink {
+            flags: header.flags.get(),
+            out_len: req.out_len.get(),
+            entries: segs.iter().map(|e| (e.gpa.get(), e.len.get())).collect(),
+        });
+        let sc = &self.script;
+        let (info_area, error_area) = (req.info_log_len.get(), req.error_log_len.get());
+        for (at, area, text) in [(0, info_area, sc.info), (info_area, error_area, sc.error)] {
+            if area > 0 {
+                let mut log = vgpu_spec::link::fit_log(text, area as usize).to_vec();
+                log.push(0);
+                Self::write_out(segs, at.into(), &log);
+            }
+        }
+        let id = header.request_id.get();
+        if sc.status != Status::SUCCESS {
+            return response::encode_status(sc.status, id, out);
+        }
+        let image_len = sc.image.len() as u64;
+        if image_len <= vgpu_spec::link::image_capacity(req) {
+            Self::write_out(segs, vgpu_spec::link::image_offset(req), &sc.image);
+        }
+        let resp = LinkResp {
+            image_len: image_len.into(),
+            ..LinkResp::default()
+        };
+        response::encode(Status::SUCCESS, id, &resp, &[], out);
+    }
+
+    /// Whether `[p, p + len)` lies inside a DMA buffer the relay was given.
+    fn in_dma(&self, p: u64, len: u64) -> bool {
+        self.bufs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(start, n)| p >= start && p + len <= start + n)
+    }
+}
+
+impl DeviceLink for LinkingDevice {
+    fn config(&self) -> vgpu_spec::VgpuConfig {
+        self.inner.config()
+    }
+
+    fn alloc(&self, len: usize) -> Result<DmaBuf, DeviceError> {
+        let buf = self.inner.alloc(len)?;
+        self.bufs
+            .lock()
+            .unwrap()
+            .push((buf.raw_ptr() as u64, buf.len() as u64));
+        Ok(buf)
+    }
+
+    fn transact(
+        &self,
+        queue: u16,
+        buf: &DmaBuf,
+        req: (usize, usize),
+        resp: (usize, usize),
+    ) -> Result<u32, DeviceError> {
+        let bytes = &buf.as_slice()[req.0..req.0 + req.1];
+        let Ok((header, Request::ModuleLink(body, parts))) = Request::decode(bytes) else {
+            return self.inner.transact(queue, buf, req, resp);
+        };
+        let mut out = Vec::new();
+        self.link(&header, &body, parts.segs, &mut out);
+        let n = out.len().min(resp.1);
+        assert!(resp.0 + n <= buf.len());
+        // SAFETY: the response area lies inside the buffer (checked), which
+        // the relay does not look at until this returns (the device's DMA).
+        unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), buf.raw_ptr().add(resp.0), n) };
+        Ok(n as u32)
+    }
+
+    fn phys(&self, vaddr: usize) -> Result<u64, DmaError> {
+        self.inner.phys(vaddr)
+    }
+
+    fn bounce_limit(&self) -> usize {
+        self.inner.bounce_limit()
+    }
+}
+
+/// A link of one PTX input whose output buffer is `segs`, with log areas
+/// of `info` and `error` bytes.
+fn link_req(segs: &[(u64, u64)], info: u32, error: u32, session: u64, flags: u32) -> Vec<u8> {
+    const PTX: &[u8] = b".version 7.0\n.target sm_75\n.address_size 64\n\0";
+    let entries = sg_entries(segs);
+    let inputs = [vgpu_spec::wire::LinkInput {
+        kind: vgpu_spec::wire::jit_input::PTX.into(),
+        name_len: 0.into(),
+        data_len: (PTX.len() as u64).into(),
+    }];
+    let req = LinkReq {
+        input_count: 1.into(),
+        option_count: 0.into(),
+        data_len: (PTX.len() as u64).into(),
+        out_len: segs.iter().map(|s| s.1).sum::<u64>().into(),
+        info_log_len: info.into(),
+        error_log_len: error.into(),
+        nsegs: (entries.len() as u32).into(),
+        _pad: 0.into(),
+    };
+    let parts = vgpu_spec::link::LinkParts {
+        options: &[],
+        inputs: &inputs,
+        segs: &entries,
+        data: PTX,
+    };
+    request(&Request::ModuleLink(req, parts), session, flags, 11)
+}
+
+/// The client's output buffer: `segs` read back, concatenated.
+fn client_bytes(mem: &GuestMemoryMmap, segs: &[(u64, u64)]) -> Vec<u8> {
+    let mut all = Vec::new();
+    for &(gpa, len) in segs {
+        let mut part = vec![0u8; len as usize];
+        mem.read_slice(&mut part, GuestAddress(gpa)).unwrap();
+        all.extend_from_slice(&part);
+    }
+    all
+}
+
+/// Fills the client's output buffer with a marker byte.
+fn fill_client(mem: &GuestMemoryMmap, segs: &[(u64, u64)], byte: u8) {
+    for &(gpa, len) in segs {
+        mem.write_slice(&vec![byte; len as usize], GuestAddress(gpa))
+            .unwrap();
+    }
+}
+
+/// Output buffer in two pieces of plain client memory: 300 bytes, then
+/// 5000 (the logs and the image cross from one to the other).
+const LINK_SEGS: [(u64, u64); 2] = [(PLAIN_GPA + 0x1000, 300), (PLAIN_GPA + 0x8000, 5000)];
+
+#[test]
+fn link_output_in_plain_memory_is_bounced_and_logs_and_image_reach_the_client() {
+    let image = pattern(1000);
+    let (dev, c, mem, s) = linking(
+        64,
+        LinkScript {
+            info: b"linked fine",
+            image: image.clone(),
+            ..LinkScript::quiet()
+        },
+    );
+    fill_client(&mem, &LINK_SEGS, 0xee);
+    let mut out = Vec::new();
+    let req = link_req(&LINK_SEGS, 256, 128, s, FLAG_ASYNC);
+    c.handle(1, &req, 64, &mem, &mut out);
+
+    let resp = Response::decode(&out).unwrap();
+    assert_eq!(resp.status(), Status::SUCCESS);
+    assert_eq!(resp.header.request_id.get(), 11);
+    assert_eq!(resp.fixed::<LinkResp>().unwrap().0.image_len.get(), 1000);
+    let seen = dev.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].out_len, 5300);
+    assert_eq!(seen[0].entries.iter().map(|e| e.1).sum::<u64>(), 5300);
+    // The link is synchronous: the output is copied out before the answer.
+    assert_eq!(seen[0].flags & FLAG_ASYNC, 0);
+    let plain = mem.get_host_address(GuestAddress(PLAIN_GPA)).unwrap() as u64;
+    for &(p, len) in &seen[0].entries {
+        assert!(dev.in_dma(p, len), "entry {p:#x}+{len} is not DMA memory");
+        assert!(!(plain..plain + (1 << 20)).contains(&p));
+        assert!(!LINK_SEGS.iter().any(|&(gpa, _)| gpa == p));
+    }
+
+    let back = client_bytes(&mem, &LINK_SEGS);
+    assert_eq!(&back[..12], b"linked fine\0");
+    assert_eq!(back[256], 0, "empty error log is a lone NUL");
+    assert_eq!(&back[384..1384], &image[..]);
+    assert!(
+        back[1384..].iter().all(|b| *b == 0xee),
+        "bytes past the image are the client's own"
+    );
+    assert_eq!(dev.inner.heap_used(), 0, "the bounce buffer went back");
+}
+
+#[test]
+fn link_failure_still_delivers_the_error_log_to_the_client() {
+    let (dev, c, mem, s) = linking(
+        64,
+        LinkScript {
+            status: Status::INVALID_PTX,
+            error: b"ptxas fatal: syntax error at line 3",
+            image: pattern(64),
+            ..LinkScript::quiet()
+        },
+    );
+    fill_client(&mem, &LINK_SEGS, 0xee);
+    let mut out = Vec::new();
+    // The error log area (200..500) starts in the first piece and ends in
+    // the second.
+    c.handle(1, &link_req(&LINK_SEGS, 200, 300, s, 0), 64, &mem, &mut out);
+
+    assert_eq!(status_of(&out), Status::INVALID_PTX);
+    let back = client_bytes(&mem, &LINK_SEGS);
+    assert_eq!(back[0], 0);
+    assert_eq!(
+        vgpu_spec::link::read_log(&back[200..500]),
+        b"ptxas fatal: syntax error at line 3"
+    );
+    assert!(
+        back[500..].iter().all(|b| *b == 0xee),
+        "no image is delivered with a failure"
+    );
+    assert_eq!(dev.seen.lock().unwrap().len(), 1);
+    assert_eq!(dev.inner.heap_used(), 0);
+}
+
+#[test]
+fn link_output_outside_client_memory_is_refused_without_reaching_the_device() {
+    let (dev, c, mem, s) = linking(64, LinkScript::quiet());
+    let mut out = Vec::new();
+    // The second piece runs past the end of the plain region.
+    let segs = [(PLAIN_GPA, 4096), (PLAIN_GPA + (1 << 20) - 100, 200)];
+    c.handle(1, &link_req(&segs, 64, 64, s, 0), 64, &mem, &mut out);
+    assert_eq!(status_of(&out), Status::INVALID_VALUE);
+    // A client address that is no memory of the client at all.
+    c.handle(
+        1,
+        &link_req(&[(0x9999_0000, 256)], 64, 64, s, 0),
+        64,
+        &mem,
+        &mut out,
+    );
+    assert_eq!(status_of(&out), Status::INVALID_VALUE);
+    assert!(dev.seen.lock().unwrap().is_empty());
+    assert_eq!(dev.inner.state.lock().unwrap().opcodes, [op::SESSION_OPEN]);
+    assert_eq!(dev.inner.heap_used(), 0);
+}
+
+#[test]
+fn link_output_larger_than_the_dma_heap_is_answered_out_of_memory() {
+    let (dev, c, mem, s) = linking(16, LinkScript::quiet());
+    let mut out = Vec::new();
+    // 128 KiB of output; the heap holds 64 KiB.
+    c.handle(
+        1,
+        &link_req(&[(PLAIN_GPA, 128 << 10)], 64, 64, s, 0),
+        64,
+        &mem,
+        &mut out,
+    );
+    assert_eq!(status_of(&out), Status::OUT_OF_MEMORY);
+    assert!(dev.seen.lock().unwrap().is_empty());
 }

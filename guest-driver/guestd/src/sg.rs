@@ -3,6 +3,8 @@
 //! memory), which must be bounced, and how a copy is cut into requests so
 //! that no request bounces more than the DMA heap can spare.
 
+use std::ops::Range;
+
 use vgpu_spec::wire::SgEntry;
 use vgpu_spec::Status;
 
@@ -152,6 +154,33 @@ pub fn chunks(pieces: &[Piece], max_bounce: u64, max_pieces: usize) -> Vec<Chunk
         }
     }
     out
+}
+
+/// Where bounced pieces meet `[range.start, range.end)` of their bounce
+/// buffer, in which they lie end to end from offset 0 (direct pieces take
+/// no room there): `(client gpa, buffer offset, len)` of each part, in
+/// order.
+pub fn bounced_parts(
+    pieces: &[Piece],
+    range: Range<u64>,
+) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+    pieces
+        .iter()
+        .filter_map(|p| match *p {
+            Piece::Bounce { gpa, len } => Some((gpa, len)),
+            Piece::Direct { .. } => None,
+        })
+        .scan(0u64, |at, (gpa, len)| {
+            let from = *at;
+            *at = at.saturating_add(len);
+            Some((gpa, from, len))
+        })
+        .take_while(move |&(_, from, _)| from < range.end)
+        .filter_map(move |(gpa, from, len)| {
+            let lo = from.max(range.start);
+            let hi = from.saturating_add(len).min(range.end);
+            (lo < hi).then(|| (gpa + (lo - from), lo, hi - lo))
+        })
 }
 
 #[cfg(test)]
@@ -356,5 +385,30 @@ mod tests {
     fn empty_copy_is_one_empty_chunk() {
         let c = chunks(&[], 4096, 16);
         assert_eq!(c, [Chunk::default()]);
+    }
+
+    #[test]
+    fn bounced_parts_map_a_buffer_window_onto_the_client_ranges() {
+        let p = [
+            Piece::Bounce {
+                gpa: 0x1000,
+                len: 100,
+            },
+            Piece::Direct { phys: 0, len: 50 },
+            Piece::Bounce {
+                gpa: 0x9000,
+                len: 200,
+            },
+        ];
+        let all: Vec<_> = bounced_parts(&p, 0..300).collect();
+        assert_eq!(all, [(0x1000, 0, 100), (0x9000, 100, 200)]);
+        // A window across the boundary of the two bounced pieces.
+        let window: Vec<_> = bounced_parts(&p, 90..150).collect();
+        assert_eq!(window, [(0x1000 + 90, 90, 10), (0x9000, 100, 50)]);
+        // A window inside the second piece only.
+        let inner: Vec<_> = bounced_parts(&p, 120..130).collect();
+        assert_eq!(inner, [(0x9000 + 20, 120, 10)]);
+        assert_eq!(bounced_parts(&p, 40..40).count(), 0);
+        assert_eq!(bounced_parts(&p, 300..400).count(), 0);
     }
 }
