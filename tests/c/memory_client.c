@@ -16,6 +16,10 @@
  *   verify            reads every byte back and compares      -> "VERIFIED <bytes>"
  *   sample            the same for the first and last MiB of each buffer -> "SAMPLED <bytes>"
  *   meminfo           -> "MEMINFO <free> <total>"
+ *   hammer MS         synchronous 4 KiB memsets on buffer 0 back to back for MS ms (a guest
+ *                     busy with requests when its slice is reclaimed)
+ *                     -> "HAMMERING" at the start, "TICK" every 64 memsets,
+ *                        "HAMMERED <memsets>" at the end
  *   tryalloc MIB      one buffer of MIB MiB, which may be refused (an OUT_OF_MEMORY is an
  *                     answer, not a failure); kept and filled if allocated -> "TRIED <CUresult>"
  *   free              frees every buffer                       -> "FREED"
@@ -170,6 +174,31 @@ static void cmd_tryalloc(unsigned long long mib) {
     printf("TRIED %d\n", (int)rc);
 }
 
+static void cmd_hammer(unsigned ms) {
+    if (g_n == 0) {
+        fail("hammer", "no buffer");
+        return;
+    }
+    printf("HAMMERING\n");
+    fflush(stdout);
+    unsigned long long n = 0;
+    double end = now_ms() + ms;
+    while (now_ms() < end) {
+        CUresult rc = cuMemsetD8(g_ptr[0], (unsigned char)n, 4096);
+        if (rc != CUDA_SUCCESS) {
+            fail("cuMemsetD8", "returned %d (%s)", (int)rc, cu_name(rc));
+            break;
+        }
+        if (++n % 64 == 0) {
+            printf("TICK\n");
+            fflush(stdout);
+        }
+    }
+    /* Buffer 0's first 4 KiB no longer hold the pattern: put it back. */
+    fill(0, g_round);
+    printf("HAMMERED %llu\n", n);
+}
+
 static void cmd_fill(unsigned r) {
     g_round = r;
     for (int b = 0; b < g_n; b++) {
@@ -230,6 +259,8 @@ int main(void) {
             cmd_alloc(mib, count, 1);
         } else if (sscanf(line, "alloc %llu %d", &mib, &count) == 2) {
             cmd_alloc(mib, count, 0);
+        } else if (sscanf(line, "hammer %u", &r) == 1) {
+            cmd_hammer(r);
         } else if (sscanf(line, "tryalloc %llu", &mib) == 1) {
             cmd_tryalloc(mib);
         } else if (sscanf(line, "fill %u", &r) == 1) {

@@ -25,6 +25,12 @@ impl SchedulerProcess {
     /// Starts `vgpu-scheduler --config <config> --state-dir <tmp> --device emulated` with the
     /// workspace's backend, and waits until its API answers `/healthz`.
     pub fn spawn(config_toml: &str) -> SchedulerProcess {
+        Self::spawn_with_env(config_toml, &[])
+    }
+
+    /// As [`SchedulerProcess::spawn`], with `env` set for the scheduler and the backends it
+    /// starts.
+    pub fn spawn_with_env(config_toml: &str, env: &[(&str, &str)]) -> SchedulerProcess {
         let dir = TempDir::new("scheduler");
         let config = dir.path().join("vgpu.toml");
         fs::write(&config, config_toml)
@@ -60,7 +66,8 @@ impl SchedulerProcess {
             .env(
                 "RUST_LOG",
                 std::env::var("VGPU_TEST_SCHEDULER_LOG").unwrap_or_else(|_| "info".into()),
-            );
+            )
+            .envs(env.iter().copied());
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("Cannot start {}: {e}", exe.display()));

@@ -332,3 +332,46 @@ fn resizing_an_attached_slice_changes_its_limit_live_and_keeps_every_byte() {
         c.wait(WAIT).assert_passed();
     }
 }
+
+#[test]
+fn a_guest_busy_with_requests_when_reclaimed_stays_swapped_out_until_restored() {
+    // Backends poll their queues for 200 ms after each batch, as a fast host's do for 50 µs
+    // between a guest's back-to-back calls: the reclaim comes while a queue is being polled.
+    let sched = SchedulerProcess::spawn_with_env(&config(), &[("VGPU_POLL_US", "200000")]);
+    let be = sched.wait_for_slice("be");
+    let mut a = tenant(&be);
+    assert!(ask(&mut a, "alloc 8 2", "ALLOCATED") >= 16 * MIB);
+    poll_until(WAIT, "the memory to be published", || {
+        (memory(&sched, "be")["resident"].as_u64()? >= 16 * MIB).then_some(())
+    });
+    // The guest sends request after request: its queue is being polled between batches when
+    // the reclaim comes, and must stop there, not swap its memory back in.
+    a.send_line("hammer 3000");
+    a.wait_for_line("TICK", WAIT);
+    post(&sched, "/v1/slices/be/reclaim");
+    // Ticks printed before the freeze may still be in the pipe; then none may come.
+    let mut stalled = false;
+    for _ in 0..100 {
+        if a.try_line("TICK", Duration::from_millis(100)).is_none() {
+            stalled = true;
+            break;
+        }
+    }
+    assert!(stalled, "a reclaimed guest kept running");
+    for _ in 0..6 {
+        assert_eq!(
+            a.try_line("TICK", Duration::from_millis(50)),
+            None,
+            "a frozen guest ran"
+        );
+        let m = memory(&sched, "be");
+        assert_eq!(m["resident"], 0, "a frozen slice's memory came back: {m}");
+        assert!(m["swapped"].as_u64().unwrap() >= 16 * MIB, "{m}");
+    }
+    post(&sched, "/v1/slices/be/restore");
+    assert!(memory(&sched, "be")["resident"].as_u64().unwrap() >= 16 * MIB);
+    assert!(a.wait_for_line("HAMMERED", WAIT)["HAMMERED ".len()..].trim() != "0");
+    assert!(ask(&mut a, "verify", "VERIFIED ") > 0);
+    a.send_line("stop");
+    a.wait(WAIT).assert_passed();
+}

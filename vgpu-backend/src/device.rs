@@ -100,9 +100,21 @@ impl VgpuDevice {
         lock(&self.work).connection.memory_usage()
     }
 
+    /// The connection's work, once the slice is not frozen. A slice whose memory is reclaimed
+    /// is frozen: nothing runs until its memory is back. Checked with the lock held, before
+    /// every batch (a queue being polled between batches must stop too): a reclaim freezes
+    /// first and then waits for this lock to swap out, so no batch runs on swapped memory.
+    fn work_unfrozen(&self) -> MutexGuard<'_, Work> {
+        loop {
+            self.shared.memory.wait_while_frozen();
+            let work = lock(&self.work);
+            if !self.shared.memory.frozen() {
+                return work;
+            }
+        }
+    }
+
     fn process_queue(&self, index: u16, vring: &Vring) -> io::Result<()> {
-        // A slice whose memory is reclaimed is frozen: nothing runs until it is back.
-        self.shared.memory.wait_while_frozen();
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         let throttle = &self.shared.throttle;
@@ -111,7 +123,7 @@ impl VgpuDevice {
         let _batch = throttle.batch();
         loop {
             let done = {
-                let mut work = lock(&self.work);
+                let mut work = self.work_unfrozen();
                 let Work { connection, worker } = &mut *work;
                 let latest = || self.mem.memory().into_inner();
                 let done = worker

@@ -35,7 +35,7 @@ struct Cli {
     max_queue_size: u16,
     /// Microseconds to keep polling a queue after a batch before sleeping
     /// (0 disables polling: less CPU, slower back-to-back calls).
-    #[arg(long, value_name = "US", default_value_t = 50)]
+    #[arg(long, value_name = "US", default_value_t = 50, env = "VGPU_POLL_US")]
     poll_us: u64,
     /// Milliseconds the backend keeps serving after a kernel faulted (which costs the process
     /// its CUDA state on a real GPU) before it stops so that its supervisor starts a clean one.
