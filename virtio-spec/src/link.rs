@@ -134,6 +134,9 @@ fn check_count(count: u32, limit: u32, field: &'static str) -> Result<(), Decode
     Ok(())
 }
 
+/// The largest `LinkReq.out_len`: the largest image and both logs.
+const MAX_OUT_LEN: u64 = crate::MAX_MODULE_IMAGE + 2 * crate::MAX_LINK_LOG as u64;
+
 /// The largest `LinkReq.data_len`: every input's data within
 /// `MAX_MODULE_IMAGE` and every name within `MAX_SYMBOL_NAME`.
 const MAX_DATA_LEN: u64 =
@@ -193,7 +196,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(LinkReq, LinkParts<'_>), DecodeErr
             .checked_add(seg.len.get())
             .ok_or(bad("sg length", u64::MAX))?;
     }
-    if out_len != req.out_len.get() {
+    if out_len != req.out_len.get() || out_len > MAX_OUT_LEN {
         return Err(bad("out_len", req.out_len.get()));
     }
     if image_offset(&req) > out_len {
@@ -344,6 +347,24 @@ mod tests {
         wrong_out.out_len = 4095.into();
         assert!(matches!(
             decode_err(wrong_out, parts),
+            DecodeError::BadLength {
+                field: "out_len",
+                ..
+            }
+        ));
+
+        // An output buffer larger than the largest image and both logs is refused.
+        let big = [seg(0x10_0000, MAX_OUT_LEN + 1)];
+        let mut huge_out = req;
+        huge_out.out_len = (MAX_OUT_LEN + 1).into();
+        assert!(matches!(
+            decode_err(
+                huge_out,
+                LinkParts {
+                    segs: &big,
+                    ..parts
+                }
+            ),
             DecodeError::BadLength {
                 field: "out_len",
                 ..

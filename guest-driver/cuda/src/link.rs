@@ -140,9 +140,11 @@ fn send(drv: &Driver, state: &LinkState, image_area: usize) -> CuResult<Answer> 
     Ok(answer)
 }
 
-/// The image area to ask for first: twice the inputs, at least 256 KiB.
+/// The image area to ask for first: twice the inputs, at least 256 KiB, at most the largest
+/// module image (the device refuses a larger output buffer).
 fn first_image_area(state: &LinkState) -> usize {
-    (state.data.len() * 2).max(MIN_IMAGE_AREA)
+    let most = usize::try_from(vgpu_spec::MAX_MODULE_IMAGE).unwrap_or(usize::MAX);
+    (state.data.len().saturating_mul(2)).clamp(MIN_IMAGE_AREA, most)
 }
 
 /// `cuLinkComplete`: links, retrying once with the size the device
