@@ -44,6 +44,7 @@ pub const SYMBOLS: &[&str] = &[
     "cuMemHostAlloc",
     "cuMemFreeHost",
     "cuCtxPushCurrent_v2",
+    "cuCtxSetCurrent",
     "cuCtxPopCurrent_v2",
     "cuMemHostRegister_v2",
     "cuMemHostUnregister",

@@ -52,6 +52,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Clone, Copy, Debug)]
 pub struct PinContext(pub cu::CUcontext);
 
+impl PinContext {
+    /// The context handle.
+    pub fn raw(self) -> cu::CUcontext {
+        self.0
+    }
+}
+
 // SAFETY: a CUDA context handle may be used from any thread; it is only passed to the driver.
 unsafe impl Send for PinContext {}
 // SAFETY: as above.
@@ -315,14 +322,22 @@ pub struct SwapReserve {
 }
 
 impl SwapReserve {
-    /// Starts the thread.
-    pub fn start() -> std::io::Result<SwapReserve> {
+    /// Starts the thread, with `ctx` current on it (it pins, and frees what it trims or what
+    /// outlives a context, under that context).
+    pub fn start(ctx: PinContext) -> std::io::Result<SwapReserve> {
         let pools: Arc<Mutex<Vec<Weak<SharedPool>>>> = Arc::default();
         let done = Arc::new(AtomicBool::new(false));
         let (watched, finished) = (pools.clone(), done.clone());
         let thread = std::thread::Builder::new()
             .name("vgpu-swap-reserve".into())
             .spawn(move || {
+                let raw = ctx.raw(); // moves the whole (Send) wrapper in
+                                     // SAFETY: the executor's retained primary context, alive until this thread is
+                                     // joined (the executor stops it first).
+                if let Err(status) = check(unsafe { cu::cuCtxSetCurrent(raw) }) {
+                    warn!(%status, "The swap reserve cannot use the device; it stays empty");
+                    return;
+                }
                 let mut filling: Option<(Instant, u64)> = None;
                 while !finished.load(Ordering::Acquire) {
                     let live: Vec<Arc<SharedPool>> = {

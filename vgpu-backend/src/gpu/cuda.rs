@@ -223,7 +223,8 @@ impl CudaGpu {
     /// Keeps pinned host memory for swapping ahead of need, as large as each context's
     /// device memory (see [`elastic::pinned`]), for contexts created from now on.
     pub fn with_swap_reserve(mut self) -> std::io::Result<CudaGpu> {
-        self.reserve = Some(elastic::pinned::SwapReserve::start()?);
+        let primary = elastic::pinned::PinContext(self.primary);
+        self.reserve = Some(elastic::pinned::SwapReserve::start(primary)?);
         Ok(self)
     }
 
