@@ -117,6 +117,7 @@ impl Connection {
                     "Session opened"
                 );
                 self.sessions.insert(id, session);
+                crate::elastic::session_opened();
                 Ok(Reply::Session(id))
             }
             Request::SessionClose => {

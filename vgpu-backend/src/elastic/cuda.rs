@@ -3,7 +3,8 @@
 //!
 //! Each extent is one physical allocation (`CU_MEM_ALLOCATION_TYPE_PINNED` on the context's
 //! device) of its whole length: one `cuMemCreate`, one `cuMemMap`, one `cuMemSetAccess` and
-//! one zeroing memset; its handle is released as soon as it is mapped, so its one
+//! one zeroing memset where another guest process could have held the memory
+//! ([`super::zero_new_extents`]); its handle is released as soon as it is mapped, so its one
 //! `cuMemUnmap` frees it. Swapping copies extents to pinned host memory (slabs of chunk-sized
 //! slots in a pool, pinned ahead by the swap reserve when it is on: see [`super::pinned`]; an
 //! extent's slots need not be contiguous) with
@@ -116,6 +117,8 @@ pub struct CudaChunks {
     /// Host copies of swapped-out extents, by start.
     saved: HashMap<u64, Saved>,
     pool: Arc<SharedPool>,
+    /// A zeroing memset was queued since the last [`ChunkMemory::settle`].
+    zeroing: bool,
 }
 
 // SAFETY: the streams and pinned buffers belong to a CUDA context, which may be used from any
@@ -141,6 +144,7 @@ impl CudaChunks {
             streams: Vec::with_capacity(STREAMS),
             saved: HashMap::new(),
             pool,
+            zeroing: false,
         };
         let prop = chunks.prop();
         let mut granularity = 0usize;
@@ -387,19 +391,25 @@ impl ChunkMemory for CudaChunks {
             .copied()
             .ok_or(Status::NOT_INITIALIZED)?;
         self.map_extent(va, len)?;
-        // SAFETY: the extent is mapped and accessible; the stream is ours. A fresh extent
-        // may hold another context's old data: it is zeroed before any use (`settle` waits
-        // for it before the allocation is handed out).
-        let zeroing = check(unsafe { cu::cuMemsetD8Async(va, 0, len as usize, stream) });
-        if let Err(status) = zeroing {
-            Self::unmap_logged(va, len, "Unmapping an extent after a failed memset");
-            return Err(status);
+        if super::zero_new_extents() {
+            // SAFETY: the extent is mapped and accessible; the stream is ours. A fresh extent
+            // may hold another guest process's old data: it is zeroed before any use (`settle`
+            // waits for it before the allocation is handed out).
+            let zeroed = check(unsafe { cu::cuMemsetD8Async(va, 0, len as usize, stream) });
+            if let Err(status) = zeroed {
+                Self::unmap_logged(va, len, "Unmapping an extent after a failed memset");
+                return Err(status);
+            }
+            self.zeroing = true;
         }
         self.pool.hold(len);
         Ok(())
     }
 
     fn settle(&mut self) -> GpuResult<()> {
+        if !std::mem::take(&mut self.zeroing) {
+            return Ok(());
+        }
         match self.streams.first() {
             // SAFETY: our own live stream.
             Some(&stream) => check(unsafe { cu::cuStreamSynchronize(stream) }),

@@ -11,6 +11,8 @@
 //! host memory on the emulated device); [`ElasticHeap`] is the sub-allocator and the extent
 //! bookkeeping on top of it, shared by both.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::gpu::GpuResult;
 
 pub mod cuda;
@@ -21,6 +23,31 @@ pub mod pinned;
 pub use cuda::CudaChunks;
 pub use heap::{reservation_for_limit, ElasticHeap};
 pub use host::HostChunks;
+
+/// Guest sessions this process has opened.
+static SESSIONS_OPENED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a guest session opened by this process (see [`zero_new_extents`]).
+pub fn session_opened() {
+    SESSIONS_OPENED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Whether new extents must be zeroed before use. A worker process that has served exactly one
+/// guest session is that guest process's alone, as a native CUDA process is its program's:
+/// physical memory it frees can only come back to the same guest, and what it gets from other
+/// processes the driver hands over as it does natively. Zeroing is then a cost native
+/// `cuMemAlloc` does not pay (about 20 µs an allocation on the H100). From a second session on
+/// (a VM's processes share its connection's worker; `--isolation thread` serves every
+/// connection from one process), and without any (tests driving a heap directly), every new
+/// extent is zeroed, so that no guest process sees another's freed data.
+pub fn zero_new_extents() -> bool {
+    zeroes_after(SESSIONS_OPENED.load(Ordering::Relaxed))
+}
+
+/// The rule of [`zero_new_extents`], after `sessions` sessions.
+fn zeroes_after(sessions: u64) -> bool {
+    sessions != 1
+}
 
 /// The physical chunk size: the granularity of mapping, accounting and swapping. Extents are
 /// whole chunks, aligned to a chunk.
@@ -39,8 +66,8 @@ pub trait ChunkMemory: Send {
     fn reserve(&mut self, size: u64) -> GpuResult<u64>;
     /// Gives a reservation back (every extent in it already unmapped).
     fn release_reservation(&mut self, base: u64, size: u64);
-    /// Backs `[va, va + len)` with one new zeroed physical extent the device can read and
-    /// write. `OUT_OF_MEMORY` (and nothing mapped) when the device has no physical memory
+    /// Backs `[va, va + len)` with one new physical extent the device can read and write,
+    /// zeroed when [`zero_new_extents`] says so (always, on the emulated device). `OUT_OF_MEMORY` (and nothing mapped) when the device has no physical memory
     /// left for all of it.
     fn map(&mut self, va: u64, len: u64) -> GpuResult<()>;
     /// Waits for whatever [`ChunkMemory::map`] queued on the device (zeroing new extents), so
@@ -61,4 +88,23 @@ pub trait ChunkMemory: Send {
     /// Drops the saved copy of the swapped-out extent starting at `va` (its last allocation
     /// was freed).
     fn discard(&mut self, va: u64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zeroes_after;
+
+    #[test]
+    fn new_extents_are_zeroed_unless_the_process_served_exactly_one_session() {
+        assert!(
+            zeroes_after(0),
+            "a heap driven without sessions (tests) zeroes"
+        );
+        assert!(!zeroes_after(1), "one guest process owns the worker");
+        assert!(
+            zeroes_after(2),
+            "a second guest process could see the first's data"
+        );
+        assert!(zeroes_after(7));
+    }
 }
