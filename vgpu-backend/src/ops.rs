@@ -7,7 +7,7 @@ use vgpu_spec::wire::{
 };
 use vgpu_spec::{Request, Status};
 
-use crate::gpu::{LaunchConfig, OccupancyQuery};
+use crate::gpu::{LaunchConfig, LaunchMode, OccupancyQuery};
 use crate::guest::{host_buffers, GuestMemoryMmap};
 use crate::reply::Reply;
 use crate::session::{fresh_handle, layout_end, Function, Owned, Session};
@@ -385,14 +385,14 @@ impl Session {
         // A kernel the executor runs before returning (emulated timed
         // kernels) charges its GPU time to this thread.
         let charged = crate::metering::thread_gpu_ns();
-        let launched = match (flags & FLAG_COOPERATIVE != 0, cluster) {
-            (true, cluster) => {
-                ctx.launch_cooperative(f.raw, config, cluster, stream, params, &f.layout)
-            }
-            (false, Some(cluster)) => {
-                ctx.launch_cluster(f.raw, config, cluster, stream, params, &f.layout)
-            }
-            (false, None) => ctx.launch(f.raw, config, stream, params, &f.layout),
+        let mode = LaunchMode {
+            cluster,
+            cooperative: flags & FLAG_COOPERATIVE != 0,
+        };
+        let launched = if mode == LaunchMode::default() {
+            ctx.launch(f.raw, config, stream, params, &f.layout)
+        } else {
+            ctx.launch_ex(f.raw, config, mode, stream, params, &f.layout)
         };
         self.meter
             .add_gpu_ns(crate::metering::thread_gpu_ns().wrapping_sub(charged));

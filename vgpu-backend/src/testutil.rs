@@ -186,3 +186,17 @@ pub fn copy(device_ptr: u64, stream: u64, segs: &[SgEntry]) -> MemcpyHostReq {
         _pad: 0.into(),
     }
 }
+
+/// A [`crate::gpu::HostBuf`] over `v`.
+pub fn host(v: &mut [u8]) -> crate::gpu::HostBuf {
+    // SAFETY: every caller keeps `v` alive and untouched while the buffer is used.
+    unsafe { crate::gpu::HostBuf::new(v.as_mut_ptr(), v.len()) }
+}
+
+/// `len` bytes of device memory at `src`, copied out synchronously.
+pub fn read(ctx: &mut Box<dyn crate::gpu::GpuContext>, src: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    ctx.memcpy_dtoh(&[host(&mut out)], src, None, false)
+        .unwrap();
+    out
+}

@@ -259,17 +259,21 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
     h_stream: CUstream,
     kernel_params: *mut *mut c_void,
 ) -> CUresult {
-    // SAFETY: forwards the caller's pointers under the same contract.
-    guard(|| unsafe {
-        launch_cooperative(
+    // SAFETY: forwards the caller's arguments under the same contract.
+    unsafe {
+        cuLaunchCooperativeKernel(
             f,
-            [grid_x, grid_y, grid_z],
-            [block_x, block_y, block_z],
+            grid_x,
+            grid_y,
+            grid_z,
+            block_x,
+            block_y,
+            block_z,
             shared_mem_bytes,
             per_thread(h_stream),
             kernel_params,
         )
-    })
+    }
 }
 
 #[cfg(test)]

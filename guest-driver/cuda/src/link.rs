@@ -331,12 +331,22 @@ pub unsafe extern "C" fn cuLinkAddData(
     size: usize,
     name: *const c_char,
     num_options: c_uint,
-    _options: *mut c_int,
-    _option_values: *mut *mut c_void,
+    options: *mut c_int,
+    option_values: *mut *mut c_void,
 ) -> CUresult {
-    ignore_input_options(num_options);
-    // SAFETY: forwards the caller's pointers under the same contract.
-    guard(|| unsafe { add_data(state, kind, data, size, name) })
+    // SAFETY: forwards the caller's arguments under the same contract.
+    unsafe {
+        cuLinkAddData_v2(
+            state,
+            kind,
+            data,
+            size,
+            name,
+            num_options,
+            options,
+            option_values,
+        )
+    }
 }
 
 /// `cuLinkAddFile_v2`: per-input options are ignored.
@@ -361,12 +371,11 @@ pub unsafe extern "C" fn cuLinkAddFile(
     kind: c_int,
     path: *const c_char,
     num_options: c_uint,
-    _options: *mut c_int,
-    _option_values: *mut *mut c_void,
+    options: *mut c_int,
+    option_values: *mut *mut c_void,
 ) -> CUresult {
-    ignore_input_options(num_options);
-    // SAFETY: forwards the caller's pointers under the same contract.
-    guard(|| unsafe { add_file(state, kind, path) })
+    // SAFETY: forwards the caller's arguments under the same contract.
+    unsafe { cuLinkAddFile_v2(state, kind, path, num_options, options, option_values) }
 }
 
 /// `cuLinkComplete`: the image stays valid until `cuLinkDestroy`.

@@ -186,6 +186,28 @@ pub unsafe extern "C" fn cuDeviceSetMemPool(dev: CUdevice, pool: CUmemoryPool) -
     })
 }
 
+/// Writes the pool `pick` names for a device location into `pool_out`.
+///
+/// # Safety
+/// `location` is null or a readable `CUmemLocation`; `pool_out` is null or a writable
+/// `CUmemoryPool`.
+unsafe fn location_pool(
+    pool_out: *mut CUmemoryPool,
+    location: *const CUmemLocation,
+    kind: c_int,
+    pick: fn(&mut PoolTable, CUdevice) -> usize,
+) -> CUresult {
+    guard(|| {
+        driver()?;
+        non_null(pool_out)?;
+        // SAFETY: per the caller, a readable `CUmemLocation`.
+        let dev = unsafe { pool_device(location, kind) }?;
+        let id = pick(&mut pools(), dev);
+        // SAFETY: per the caller, a writable `CUmemoryPool`.
+        unsafe { write_pool(pool_out, id) }
+    })
+}
+
 /// `cuMemGetDefaultMemPool` (CUDA 13): a device location's default pool.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetDefaultMemPool(
@@ -193,15 +215,8 @@ pub unsafe extern "C" fn cuMemGetDefaultMemPool(
     location: *const CUmemLocation,
     kind: c_int,
 ) -> CUresult {
-    guard(|| {
-        driver()?;
-        non_null(pool_out)?;
-        // SAFETY: per the API a readable `CUmemLocation`.
-        let dev = unsafe { pool_device(location, kind) }?;
-        let id = pools().default_pool(dev);
-        // SAFETY: per the API a writable `CUmemoryPool`.
-        unsafe { write_pool(pool_out, id) }
-    })
+    // SAFETY: the caller's pointers, under the API's contract.
+    unsafe { location_pool(pool_out, location, kind, PoolTable::default_pool) }
 }
 
 /// `cuMemGetMemPool` (CUDA 13): a device location's current pool.
@@ -211,15 +226,8 @@ pub unsafe extern "C" fn cuMemGetMemPool(
     location: *const CUmemLocation,
     kind: c_int,
 ) -> CUresult {
-    guard(|| {
-        driver()?;
-        non_null(pool_out)?;
-        // SAFETY: per the API a readable `CUmemLocation`.
-        let dev = unsafe { pool_device(location, kind) }?;
-        let id = pools().current_pool(dev);
-        // SAFETY: per the API a writable `CUmemoryPool`.
-        unsafe { write_pool(pool_out, id) }
-    })
+    // SAFETY: the caller's pointers, under the API's contract.
+    unsafe { location_pool(pool_out, location, kind, PoolTable::current_pool) }
 }
 
 /// `cuMemSetMemPool` (CUDA 13): sets a device location's current pool.

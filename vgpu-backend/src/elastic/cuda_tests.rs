@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use super::*;
 use crate::gpu::cuda::CudaGpu;
-use crate::gpu::{Gpu, GpuContext, HostBuf, LaunchConfig};
+use crate::gpu::{Gpu, LaunchConfig};
+use crate::testutil::{host, read};
 
 fn slot(i: usize) -> *mut u8 {
     (0x1000_0000usize + i * CHUNK as usize) as *mut u8
@@ -46,52 +47,6 @@ fn every_symbol_is_listed_once() {
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), SYMBOLS.len());
-}
-
-/// `inc(p, n)` adds 1 to `n` u32s at `p`: proves kernels can read and write restored chunks.
-const PTX: &str = "\
-.version 7.0
-.target sm_80
-.address_size 64
-
-.visible .entry inc(
-    .param .u64 .ptr .global .align 1 inc_p,
-    .param .u32 inc_n
-)
-{
-    .reg .pred %p<2>;
-    .reg .b32 %r<8>;
-    .reg .b64 %rd<5>;
-
-    ld.param.u64 %rd1, [inc_p];
-    ld.param.u32 %r1, [inc_n];
-    mov.u32 %r2, %ctaid.x;
-    mov.u32 %r3, %ntid.x;
-    mov.u32 %r4, %tid.x;
-    mad.lo.s32 %r5, %r2, %r3, %r4;
-    setp.ge.u32 %p1, %r5, %r1;
-    @%p1 bra DONE;
-    cvta.to.global.u64 %rd2, %rd1;
-    mul.wide.u32 %rd3, %r5, 4;
-    add.s64 %rd4, %rd2, %rd3;
-    ld.global.u32 %r6, [%rd4];
-    add.s32 %r7, %r6, 1;
-    st.global.u32 [%rd4], %r7;
-DONE:
-    ret;
-}
-";
-
-fn host(v: &mut [u8]) -> HostBuf {
-    // SAFETY: the test keeps `v` alive and untouched while the buffer is used.
-    unsafe { HostBuf::new(v.as_mut_ptr(), v.len()) }
-}
-
-fn read(ctx: &mut Box<dyn GpuContext>, src: u64, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    ctx.memcpy_dtoh(&[host(&mut out)], src, None, false)
-        .unwrap();
-    out
 }
 
 fn pattern(seed: u32, len: usize) -> Vec<u8> {
@@ -162,8 +117,11 @@ fn real_gpu_elastic_memory_keeps_every_byte_across_swap_cycles() {
     let (d, size, seed) = live[live.len() - 1];
     ctx.swap_out().unwrap();
     ctx.swap_in().unwrap();
-    let m = ctx.module_load(PTX.as_bytes()).unwrap();
-    let (f, layout) = ctx.get_function(m, "inc").unwrap();
+    // `add_one(p, n)` adds 1 to `n` u32s at `p`: kernels read and write restored chunks.
+    let m = ctx
+        .module_load(crate::gpu::cuda::tests::PTX.as_bytes())
+        .unwrap();
+    let (f, layout) = ctx.get_function(m, "add_one").unwrap();
     let n = (size / 4) as u32;
     let mut params = d.to_le_bytes().to_vec();
     params.extend_from_slice(&n.to_le_bytes());

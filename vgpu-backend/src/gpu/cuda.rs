@@ -43,7 +43,7 @@ use super::cuda_identity::{log_library_path, read_identity, REQUIRED_SYMBOLS};
 use super::inflight::SharedTracker;
 use super::{cuda_func, ptx};
 use super::{
-    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, LinkJob, Linked,
+    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, LaunchMode, LinkJob, Linked,
     MemoryUsage, OccupancyQuery, ParamLayout, RawHandle, StreamRef,
 };
 
@@ -410,32 +410,6 @@ impl CudaContext {
         })
     }
 
-    /// A launch through `cuLaunchKernelEx`: `how` is (thread block cluster, cooperative).
-    fn launch_extended(
-        &mut self,
-        function: RawHandle,
-        config: LaunchConfig,
-        (cluster, cooperative): (Option<[u32; 3]>, bool),
-        stream: StreamRef,
-        params: &[u8],
-        layout: &[ParamLayout],
-    ) -> GpuResult<()> {
-        self.enter_work(stream)?;
-        let kernel_params = self.kernel_params(params, layout)?;
-        // SAFETY: as `launch`: the parameter pointers point into
-        // `param_words`, which outlives the call; the handles are live.
-        unsafe {
-            cuda_func::launch_ex(
-                from_handle(function),
-                &config,
-                cluster,
-                cooperative,
-                stream_ptr(stream),
-                kernel_params,
-            )
-        }
-    }
-
     fn enter(&self) -> GpuResult<()> {
         make_current(self.id, self.ctx)
     }
@@ -659,29 +633,28 @@ impl GpuContext for CudaContext {
         })
     }
 
-    fn launch_cluster(
+    fn launch_ex(
         &mut self,
         function: RawHandle,
         config: LaunchConfig,
-        cluster: [u32; 3],
+        mode: LaunchMode,
         stream: StreamRef,
         params: &[u8],
         layout: &[ParamLayout],
     ) -> GpuResult<()> {
-        let how = (Some(cluster), false);
-        self.launch_extended(function, config, how, stream, params, layout)
-    }
-
-    fn launch_cooperative(
-        &mut self,
-        function: RawHandle,
-        config: LaunchConfig,
-        cluster: Option<[u32; 3]>,
-        stream: StreamRef,
-        params: &[u8],
-        layout: &[ParamLayout],
-    ) -> GpuResult<()> {
-        self.launch_extended(function, config, (cluster, true), stream, params, layout)
+        self.enter_work(stream)?;
+        let kernel_params = self.kernel_params(params, layout)?;
+        // SAFETY: as `launch`: the parameter pointers point into
+        // `param_words`, which outlives the call; the handles are live.
+        unsafe {
+            cuda_func::launch_ex(
+                from_handle(function),
+                &config,
+                mode,
+                stream_ptr(stream),
+                kernel_params,
+            )
+        }
     }
 
     fn link(&mut self, job: &LinkJob<'_>) -> Linked {
@@ -814,4 +787,4 @@ mod copy;
 
 #[cfg(test)]
 #[path = "cuda_tests.rs"]
-mod tests;
+pub(crate) mod tests;

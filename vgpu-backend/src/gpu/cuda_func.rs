@@ -11,7 +11,7 @@ use vgpu_spec::wire::occupancy;
 use vgpu_spec::Status;
 
 use super::cuda::check;
-use super::{GpuResult, LaunchConfig, OccupancyQuery, ParamLayout};
+use super::{GpuResult, LaunchConfig, LaunchMode, OccupancyQuery, ParamLayout};
 use zerocopy::IntoBytes;
 
 /// The driver functions this module calls (checked at open).
@@ -115,24 +115,43 @@ pub(super) fn occupancy(func: cu::CUfunction, q: &OccupancyQuery) -> GpuResult<i
 pub(super) unsafe fn launch_ex(
     func: cu::CUfunction,
     config: &LaunchConfig,
-    cluster: Option<[u32; 3]>,
-    cooperative: bool,
+    LaunchMode {
+        cluster,
+        cooperative,
+    }: LaunchMode,
     stream: cu::CUstream,
     kernel_params: *mut *mut std::ffi::c_void,
 ) -> GpuResult<()> {
-    let mut attrs = Vec::with_capacity(2);
+    // At most two attributes, on the stack: this is a launch path.
+    let mut attrs = [cooperative_attribute(); 2];
+    let mut n = 0;
     if let Some(cluster) = cluster {
         if cluster.contains(&0) {
             return Err(Status::INVALID_VALUE);
         }
-        attrs.push(cluster_attribute(cluster));
+        attrs[n] = cluster_attribute(cluster);
+        n += 1;
     }
     if cooperative {
-        attrs.push(cooperative_attribute());
+        attrs[n] = cooperative_attribute();
+        n += 1;
     }
+    let launch = driver_config(config, stream, &mut attrs[..n]);
+    // SAFETY: the configuration and its attributes outlive the call; the
+    // caller guarantees the handles and the parameter array.
+    check(unsafe { cu::cuLaunchKernelEx(&launch, func, kernel_params, std::ptr::null_mut()) })
+}
+
+/// The driver's launch configuration for `config` on `stream`, with `attrs` (which must
+/// outlive its use).
+fn driver_config(
+    config: &LaunchConfig,
+    stream: cu::CUstream,
+    attrs: &mut [cu::CUlaunchAttribute],
+) -> cu::CUlaunchConfig {
     let [gx, gy, gz] = config.grid;
     let [bx, by, bz] = config.block;
-    let launch = cu::CUlaunchConfig {
+    cu::CUlaunchConfig {
         gridDimX: gx,
         gridDimY: gy,
         gridDimZ: gz,
@@ -148,10 +167,7 @@ pub(super) unsafe fn launch_ex(
         },
         // At most two attributes.
         numAttrs: attrs.len() as u32,
-    };
-    // SAFETY: the configuration and its attributes outlive the call; the
-    // caller guarantees the handles and the parameter array.
-    check(unsafe { cu::cuLaunchKernelEx(&launch, func, kernel_params, std::ptr::null_mut()) })
+    }
 }
 
 /// A `CU_LAUNCH_ATTRIBUTE_COOPERATIVE` attribute set to 1.
@@ -177,26 +193,10 @@ fn cluster_attribute(cluster: [u32; 3]) -> cu::CUlaunchAttribute {
 
 /// The two cluster queries, which take a launch configuration.
 fn cluster_query(func: cu::CUfunction, q: &OccupancyQuery) -> GpuResult<i64> {
-    let mut attr = cluster_attribute(q.cluster);
+    let mut attr = [cluster_attribute(q.cluster)];
     let has_cluster = q.cluster.iter().any(|d| *d != 0);
-    let [gx, gy, gz] = q.config.grid;
-    let [bx, by, bz] = q.config.block;
-    let config = cu::CUlaunchConfig {
-        gridDimX: gx,
-        gridDimY: gy,
-        gridDimZ: gz,
-        blockDimX: bx,
-        blockDimY: by,
-        blockDimZ: bz,
-        sharedMemBytes: q.config.shared_mem,
-        hStream: std::ptr::null_mut(),
-        attrs: if has_cluster {
-            &mut attr
-        } else {
-            std::ptr::null_mut()
-        },
-        numAttrs: u32::from(has_cluster),
-    };
+    let attrs = if has_cluster { &mut attr[..] } else { &mut [] };
+    let config = driver_config(&q.config, std::ptr::null_mut(), attrs);
     let mut answer: c_int = 0;
     // SAFETY: a valid out-pointer, a configuration whose attribute pointer
     // (if any) outlives the call, and a live function handle.

@@ -260,6 +260,7 @@ pub(super) fn link(job: &LinkJob<'_>) -> Linked {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::LaunchMode;
 
     #[test]
     fn every_forwarded_option_has_a_driver_enum_value() {
@@ -369,8 +370,15 @@ mod tests {
             block: [1, 1, 1],
             shared_mem: 0,
         };
-        ctx.launch_cooperative(f, config, None, None, &out.to_le_bytes(), &layout)
-            .unwrap();
+        ctx.launch_ex(
+            f,
+            config,
+            LaunchMode::COOPERATIVE,
+            None,
+            &out.to_le_bytes(),
+            &layout,
+        )
+        .unwrap();
         let mut back = [0u8; 4];
         // SAFETY: `back` outlives the synchronous copy.
         let dst = unsafe { HostBuf::new(back.as_mut_ptr(), 4) };
@@ -383,7 +391,14 @@ mod tests {
             shared_mem: 0,
         };
         assert_eq!(
-            ctx.launch_cooperative(f, huge, None, None, &out.to_le_bytes(), &layout),
+            ctx.launch_ex(
+                f,
+                huge,
+                LaunchMode::COOPERATIVE,
+                None,
+                &out.to_le_bytes(),
+                &layout
+            ),
             Err(Status::COOPERATIVE_LAUNCH_TOO_LARGE)
         );
 

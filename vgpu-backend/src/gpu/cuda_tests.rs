@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::gpu::ptx;
+use crate::testutil::host;
 
 #[test]
 fn open_without_driver_library_fails_cleanly() {
@@ -79,7 +80,7 @@ fn null_stream_ref_is_the_legacy_stream() {
 
 /// Hand-written PTX, so the test needs no nvcc: `add_one` adds 1 to `n`
 /// u32s; `layout_probe` exercises the parameter packing rules.
-const PTX: &str = "\
+pub(crate) const PTX: &str = "\
 .version 7.0
 .target sm_80
 .address_size 64
@@ -125,11 +126,6 @@ DONE:
     ret;
 }
 ";
-
-fn host(v: &mut [u8]) -> HostBuf {
-    // SAFETY: the test keeps `v` alive and untouched while the buffer is used.
-    unsafe { HostBuf::new(v.as_mut_ptr(), v.len()) }
-}
 
 /// Runs only where a real GPU is present: `cargo test -- --ignored`.
 #[test]

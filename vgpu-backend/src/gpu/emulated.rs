@@ -29,7 +29,7 @@ use vgpu_spec::{Status, DEVICE_ATTRIBUTE_SLOTS};
 use super::ptx::{self, ImageKind};
 use super::timed::{self, EmulatedClock};
 use super::{
-    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, LinkJob, Linked,
+    DeviceIdentity, Gpu, GpuContext, GpuResult, HostBuf, LaunchConfig, LaunchMode, LinkJob, Linked,
     MemoryUsage, ParamLayout, RawHandle, StreamRef,
 };
 use crate::elastic;
@@ -647,37 +647,24 @@ impl GpuContext for EmulatedContext {
         Ok(())
     }
 
-    /// A cluster launch: the cluster dimensions must be at least 1, at most 8 blocks together
-    /// (the portable cluster size), and divide the grid, as the driver requires; then as a
-    /// launch.
-    fn launch_cluster(
+    /// A cooperative launch's grid must fit on the device at once ([`check_cooperative`]); a
+    /// cluster launch's cluster dimensions must be at least 1, at most 8 blocks together (the
+    /// portable cluster size), and divide the grid, as the driver requires; then as a launch
+    /// (not executed).
+    fn launch_ex(
         &mut self,
         function: RawHandle,
         config: LaunchConfig,
-        cluster: [u32; 3],
+        mode: LaunchMode,
         stream: StreamRef,
         params: &[u8],
         layout: &[ParamLayout],
     ) -> GpuResult<()> {
-        check_cluster(&config, cluster)?;
-        self.launch(function, config, stream, params, layout)
-    }
-
-    /// A cooperative launch: the grid must fit on the device at once
-    /// ([`check_cooperative`]), clusters as for a cluster launch; then as a
-    /// launch (not executed).
-    fn launch_cooperative(
-        &mut self,
-        function: RawHandle,
-        config: LaunchConfig,
-        cluster: Option<[u32; 3]>,
-        stream: StreamRef,
-        params: &[u8],
-        layout: &[ParamLayout],
-    ) -> GpuResult<()> {
-        check_launch_config(&config)?;
-        check_cooperative(&config)?;
-        if let Some(cluster) = cluster {
+        if mode.cooperative {
+            check_launch_config(&config)?;
+            check_cooperative(&config)?;
+        }
+        if let Some(cluster) = mode.cluster {
             check_cluster(&config, cluster)?;
         }
         self.launch(function, config, stream, params, layout)

@@ -19,8 +19,8 @@ use std::collections::HashSet;
 use vgpu_spec::Status;
 
 use super::{
-    GpuContext, GpuResult, HostBuf, LaunchConfig, LinkJob, Linked, MemoryUsage, ParamLayout,
-    RawHandle, StreamRef,
+    GpuContext, GpuResult, HostBuf, LaunchConfig, LaunchMode, LinkJob, Linked, MemoryUsage,
+    ParamLayout, RawHandle, StreamRef,
 };
 
 /// The entry point of the faulting kernel.
@@ -177,20 +177,6 @@ impl<C: GpuContext> GpuContext for Faulting<C> {
         healthy!(self).get_global(module, name)
     }
 
-    /// A `vgpu_fault` launch is validated like any other and accepted;
-    /// the context is poisoned from then on.
-    fn launch_cluster(
-        &mut self,
-        function: RawHandle,
-        config: LaunchConfig,
-        cluster: [u32; 3],
-        stream: StreamRef,
-        params: &[u8],
-        layout: &[ParamLayout],
-    ) -> GpuResult<()> {
-        healthy!(self).launch_cluster(function, config, cluster, stream, params, layout)
-    }
-
     fn launch(
         &mut self,
         function: RawHandle,
@@ -203,18 +189,18 @@ impl<C: GpuContext> GpuContext for Faulting<C> {
         self.after_launch(function, params)
     }
 
-    /// A cooperative `vgpu_fault` launch poisons the context as a plain
-    /// one does.
-    fn launch_cooperative(
+    /// A cluster or cooperative `vgpu_fault` launch poisons the context as a
+    /// plain one does.
+    fn launch_ex(
         &mut self,
         function: RawHandle,
         config: LaunchConfig,
-        cluster: Option<[u32; 3]>,
+        mode: LaunchMode,
         stream: StreamRef,
         params: &[u8],
         layout: &[ParamLayout],
     ) -> GpuResult<()> {
-        healthy!(self).launch_cooperative(function, config, cluster, stream, params, layout)?;
+        healthy!(self).launch_ex(function, config, mode, stream, params, layout)?;
         self.after_launch(function, params)
     }
 

@@ -77,6 +77,23 @@ pub struct LaunchConfig {
     pub shared_mem: u32,
 }
 
+/// How a launch differs from a plain `cuLaunchKernel` (`cuLaunchKernelEx` attributes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaunchMode {
+    /// Thread block cluster dimensions (`FLAG_CLUSTER`).
+    pub cluster: Option<[u32; 3]>,
+    /// Every block resident at once (`FLAG_COOPERATIVE`).
+    pub cooperative: bool,
+}
+
+impl LaunchMode {
+    /// A cooperative launch, without clusters.
+    pub const COOPERATIVE: LaunchMode = LaunchMode {
+        cluster: None,
+        cooperative: true,
+    };
+}
+
 /// An occupancy question about a function (`cuOccupancy*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OccupancyQuery {
@@ -286,36 +303,19 @@ pub trait GpuContext: Send {
         params: &[u8],
         layout: &[ParamLayout],
     ) -> GpuResult<()>;
-    /// Launches a kernel in thread block clusters of `cluster` blocks
-    /// (`LAUNCH_KERNEL` with `FLAG_CLUSTER`). Executors without cluster
-    /// launches refuse.
-    fn launch_cluster(
+    /// A launch that differs from a plain one in `mode` (`LAUNCH_KERNEL` with `FLAG_CLUSTER`
+    /// and/or `FLAG_COOPERATIVE`): in thread block clusters, every block resident at once.
+    /// Executors without such launches refuse.
+    fn launch_ex(
         &mut self,
         function: RawHandle,
         config: LaunchConfig,
-        cluster: [u32; 3],
+        mode: LaunchMode,
         stream: StreamRef,
         params: &[u8],
         layout: &[ParamLayout],
     ) -> GpuResult<()> {
-        let _ = (function, config, cluster, stream, params, layout);
-        Err(Status::NOT_SUPPORTED)
-    }
-
-    /// Launches a cooperative kernel (`LAUNCH_KERNEL` with
-    /// `FLAG_COOPERATIVE`): every block resident at once, in thread block
-    /// clusters of `cluster` blocks when given. Executors without
-    /// cooperative launches refuse.
-    fn launch_cooperative(
-        &mut self,
-        function: RawHandle,
-        config: LaunchConfig,
-        cluster: Option<[u32; 3]>,
-        stream: StreamRef,
-        params: &[u8],
-        layout: &[ParamLayout],
-    ) -> GpuResult<()> {
-        let _ = (function, config, cluster, stream, params, layout);
+        let _ = (function, config, mode, stream, params, layout);
         Err(Status::NOT_SUPPORTED)
     }
 
